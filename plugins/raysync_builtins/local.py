@@ -1,0 +1,184 @@
+"""local-copy backend: ``file://`` URIs and plain paths, committed by an atomic rename.
+
+Relative paths resolve against the **driver's** cwd. The driver writes a visibility token into
+the destination root (``.raysync-visible``); a worker that does not find that exact token is on
+a node that does not mount the driver's path, and refuses to export there rather than quietly
+writing to its own disk (DESIGN invariant 2).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import raysync
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Target
+from raysync.copy import copy_and_hash
+from raysync.errors import (
+    ConfigError,
+    DestinationError,
+    DestinationNotVisibleError,
+    IntegrityError,
+    MaterializeError,
+    RunExistsError,
+)
+from raysync.manifest import MANIFEST_NAME, Manifest, safe_join
+from raysync.result import ExportResult, place_files, read_path_chunks
+from raysync.target import split_scheme
+
+TOKEN_NAME = ".raysync-visible"
+
+
+def _run_dir(uri: str) -> Path:
+    return Path(split_scheme(uri)[1])
+
+
+def read_committed(run_dir: Path, *, uri: str) -> Manifest | None:
+    """The manifest of a committed run at ``run_dir``, or ``None`` when there is none."""
+    try:
+        data = (run_dir / MANIFEST_NAME).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return Manifest.from_bytes(data, uri=uri)
+
+
+class LocalCopyBackend:
+    """Copies a call's trees to a directory the worker and the driver both see."""
+
+    name = "local"
+    schemes = ("file",)
+    default = False
+    capabilities = Capabilities(atomic_rename=True, read_back=True, needs_driver=True)
+
+    def check(self, target: Target) -> None:
+        if target.options:
+            raise ConfigError(
+                f"the local backend takes no storage_options, got {sorted(target.options)}",
+                hint="remove storage_options for local paths",
+            )
+        if not target.path.strip():
+            raise ConfigError("the local destination path is empty",
+                              hint="e.g. output_uri='artifacts/runs/{run_id}'")
+
+    def prepare(self, target: Target) -> Mapping[str, str]:
+        root = Path(target.local_path(target.root or "."))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            token_file = root / TOKEN_NAME
+            try:
+                with open(token_file, "x") as f:
+                    f.write(secrets.token_hex(16))
+            except FileExistsError:
+                pass
+            token = token_file.read_text().strip()
+        except OSError as e:
+            raise DestinationError(f"cannot prepare the destination root {root}: {e}",
+                                   uri=str(root), hint="check the path and its permissions") from e
+        return {"root": str(root), "token": token}
+
+    def export(self, request: ExportRequest) -> ExportOutcome:
+        dest = Path(request.target.local_path())
+        uri = f"file://{dest}"
+        self._check_visible(request, dest, uri)
+        existing = read_committed(dest, uri=uri)
+        replace = False
+        if existing is not None:
+            if existing.run.get("task_id") == request.task_id:
+                replace = True  # an earlier attempt of this very Ray task: a retry replaces it
+            elif request.conflict == "overwrite":
+                replace = True
+            else:
+                raise RunExistsError(
+                    "a committed run already exists here", uri=uri,
+                    hint="use another output_uri (e.g. add {task_id}) or conflict='overwrite'",
+                )
+        elif dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            if request.conflict != "overwrite":
+                raise RunExistsError(
+                    "the destination exists and is not a raysync run", uri=uri,
+                    hint="choose an empty or new directory, or conflict='overwrite'",
+                )
+            replace = True
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest.parent / f".{dest.name}.raysync-staging-{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
+        try:
+            made: set[Path] = {staging}
+            for entry in request.files:
+                out = safe_join(staging, entry.path)
+                if out.parent not in made:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    made.add(out.parent)
+                copy_and_hash(entry, out)
+            # The manifest is written last: a directory holding one is a complete run.
+            (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
+            self._commit(staging, dest, replace=replace, uri=uri)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return ExportOutcome(uri=uri)
+
+    def _check_visible(self, request: ExportRequest, dest: Path, uri: str) -> None:
+        root = Path(request.prepared.get("root", ""))
+        token = request.prepared.get("token")
+        try:
+            found = (root / TOKEN_NAME).read_text().strip()
+        except OSError:
+            found = None
+        if not token or found != token:
+            raise DestinationNotVisibleError(
+                f"the driver's destination root {root} is not visible on this node (its "
+                "visibility token is missing or different), so exporting here would write to "
+                "this node's own disk",
+                uri=uri,
+                hint="mount the same filesystem at the same path on every node, or use a "
+                "backend that reaches the driver (return-by-value, an object store)",
+            )
+        if not dest.is_relative_to(root):
+            raise DestinationNotVisibleError(f"{dest} is outside the prepared root {root}",
+                                             uri=uri)
+
+    @staticmethod
+    def _commit(staging: Path, dest: Path, *, replace: bool, uri: str) -> None:
+        if not replace:
+            try:
+                # rename() onto a missing or empty directory is atomic; onto a non-empty one
+                # it fails, which is how a concurrent commit to the same run is detected.
+                os.rename(staging, dest)
+            except OSError as e:
+                if dest.exists():
+                    raise RunExistsError(
+                        "another call committed this run first", uri=uri,
+                        hint="give each call its own output_uri (e.g. add {task_id})",
+                    ) from e
+                raise
+            return
+        old = dest.parent / f".{dest.name}.raysync-old-{uuid.uuid4().hex[:12]}"
+        os.rename(dest, old)
+        os.rename(staging, dest)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+        src = _run_dir(result.uri)
+        committed = read_committed(src, uri=result.uri)
+        if committed is None:
+            raise MaterializeError(
+                f"no committed run at {src} on this machine",
+                hint="materialize on a node that mounts the destination",
+            )
+        if committed.run.get("task_id") != result.manifest.run.get("task_id"):
+            raise IntegrityError("the run at this path was replaced by another call",
+                                 uri=result.uri, bad=[MANIFEST_NAME])
+        if src.resolve() == dest.resolve():
+            return
+        place_files(dest, committed.files, lambda f: read_path_chunks(safe_join(src, f.path)),
+                    uri=result.uri, overwrite=overwrite)
+
+
+@raysync.hookimpl
+def raysync_register_backends(register: raysync.RegisterBackend) -> None:
+    register(LocalCopyBackend())

@@ -1,0 +1,63 @@
+"""Types exchanged between the core and backends (see :mod:`raysync.hookspecs`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from raysync.manifest import FileEntry, Manifest
+from raysync.target import Target
+
+#: What to do when a committed run already exists at the destination.
+Conflict = Literal["error", "overwrite"]
+CONFLICT_POLICIES: tuple[str, ...] = ("error", "overwrite")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; the core picks behaviour from it and ``raysync backends`` shows it."""
+
+    #: Commits by renaming a staged directory into place (filesystems).
+    atomic_rename: bool = False
+    #: Commits with a conditional write (e.g. S3 ``If-None-Match``) so two attempts cannot race.
+    conditional_put: bool = False
+    #: Uploads large files in parts.
+    multipart: bool = False
+    #: :meth:`ExportBackend.materialize` can read committed runs back.
+    read_back: bool = False
+    #: :meth:`ExportBackend.prepare` must run on the driver before workers export.
+    needs_driver: bool = False
+
+    def names(self) -> list[str]:
+        return [k for k, v in self.__dict__.items() if v]
+
+
+@dataclass
+class ExportRequest:
+    """Everything a backend's ``export`` hook gets for one call."""
+
+    #: The rendered destination (relative paths resolve against ``target.base_dir``).
+    target: Target
+    #: The files to export, unhashed; the backend sets each ``sha256`` while copying.
+    files: list[FileEntry]
+    #: The manifest to commit last (its ``files`` are ``files``).
+    manifest: Manifest
+    #: The call's private workspace (the artifacts stay here if the export fails).
+    workspace: Path
+    #: ``"error"`` or ``"overwrite"`` when a committed run exists.
+    conflict: Conflict
+    #: The Ray task id of this call: a run committed by the same task id is an earlier attempt.
+    task_id: str
+    #: What the backend's ``prepare`` returned on the driver.
+    prepared: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ExportOutcome:
+    """What ``export`` returns: the committed URI, and for by-value backends the payload."""
+
+    uri: str
+    payload: Any = None
+    extra_stats: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,413 @@
+"""``@isolated_export``: run each call in its own workspace, then export its trees.
+
+The data flow (docs/architecture.md) is one straight line:
+decorate (validate, on the driver) → workspace → run → scan → export → ExportResult.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import inspect
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TypeVar, cast
+
+import ray
+
+from raysync import driver, workspace
+from raysync.backend import CONFLICT_POLICIES, Conflict, ExportRequest
+from raysync.errors import (
+    ConfigError,
+    DestinationNotVisibleError,
+    ExportError,
+    RaySyncError,
+    TemplateError,
+)
+from raysync.hookspecs import ExportBackend
+from raysync.manifest import Manifest, scan, tree_names
+from raysync.registry import get_registry
+from raysync.result import ExportResult, ExportStats
+from raysync.target import BUILTIN_FIELDS, Target, redact, render, template_fields
+
+F = TypeVar("F")
+
+#: chdir-mode calls in one process take turns: cwd and environment are process-wide.
+_CHDIR_LOCK = threading.RLock()
+_ASYNC_LOCKS: dict[int, asyncio.Lock] = {}
+
+
+@dataclass(frozen=True)
+class _Config:
+    target: Target
+    trees: tuple[str, ...]
+    backend: ExportBackend
+    env: Mapping[str, str]
+    export_on_failure: bool
+    conflict: Conflict
+    chdir: bool
+    keep_workspace: bool
+    key: str = ""
+    function: str = ""
+    fields: tuple[str, ...] = field(default_factory=tuple)
+
+
+def isolated_export(
+    output_uri: str | None = None,
+    *,
+    trees: Sequence[str] = ("export", "data", "artifacts"),
+    backend: str | ExportBackend | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    export_on_failure: bool = True,
+    conflict: Conflict = "error",
+    chdir: bool = True,
+    keep_workspace: bool = False,
+) -> Callable[[F], F]:
+    """Run every call of a Ray task or actor method in a private workspace, then export it.
+
+    :param output_uri: where each run goes: a path (relative to the **driver's** cwd), a
+        ``scheme://`` URI served by an installed backend, or ``None`` to return the files by
+        value in the result. ``{field}`` placeholders take any argument of the call by name
+        and ``{task_id}``, ``{job_id}``, ``{node_id}``, ``{attempt}``.
+    :param trees: workspace-relative directories exported after the call.
+    :param backend: a backend name (``"local"``) or object; default: chosen by the scheme.
+    :param storage_options: options for the backend (see docs/backends.md).
+    :param env: extra environment variables set to workspace paths during the call, e.g.
+        ``{"TV_ARTIFACTS_DIR": "artifacts"}`` (values are relative to the workspace).
+    :param export_on_failure: when the function raises, export the partial trees with
+        status ``failed`` before the exception reaches the caller.
+    :param conflict: ``"error"`` (default) or ``"overwrite"`` when the run already exists.
+    :param chdir: ``True`` (default): the call's cwd and ``RAYSYNC_*`` env vars point at the
+        workspace, and calls in one process take turns (threaded and async actors run their
+        decorated methods one at a time). ``False``: no cwd or env change, calls run
+        concurrently, and code finds its directories with :func:`raysync.current_workspace`.
+    :param keep_workspace: keep the workspace after a successful export (for debugging).
+
+    Works on plain functions and methods (put ``@ray.remote`` above it), and on top of an
+    existing ``ray.remote`` function or actor class. Every decorated call returns an
+    :class:`raysync.ExportResult`.
+    """
+    cfg = _make_config(output_uri, trees, backend, storage_options, env, export_on_failure,
+                       conflict, chdir, keep_workspace)
+
+    def decorate(obj: F) -> F:
+        return cast(F, _decorate(obj, cfg))
+
+    return decorate
+
+
+def _make_config(
+    output_uri: str | None,
+    trees: Sequence[str],
+    backend: str | ExportBackend | None,
+    storage_options: Mapping[str, Any] | None,
+    env: Mapping[str, str] | None,
+    export_on_failure: bool,
+    conflict: str,
+    chdir: bool,
+    keep_workspace: bool,
+) -> _Config:
+    if output_uri is not None and (not isinstance(output_uri, str) or not output_uri.strip()):
+        raise ConfigError(f"output_uri must be a non-empty string or None, not {output_uri!r}",
+                          hint="e.g. 'artifacts/runs/{run_id}' or 's3://bucket/runs/{run_id}'")
+    if isinstance(trees, str):
+        raise ConfigError(f"trees must be a list of names, not the string {trees!r}",
+                          hint=f"write trees=[{trees!r}]")
+    names = tuple(tree_names(trees))
+    if not names:
+        raise ConfigError("trees is empty: nothing would be exported",
+                          hint="name at least one tree, e.g. trees=['export']")
+    if conflict not in CONFLICT_POLICIES:
+        raise ConfigError(f"conflict={conflict!r} is not one of {CONFLICT_POLICIES}")
+    env_map = dict(env or {})
+    for k, v in env_map.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise ConfigError(f"env entry {k!r}: {v!r} must map a name to a workspace path",
+                              hint="e.g. env={'TV_ARTIFACTS_DIR': 'artifacts'}")
+    registry = get_registry()
+    if backend is None:
+        be = registry.default() if output_uri is None else registry.for_scheme(
+            Target.parse(output_uri).scheme)
+    elif isinstance(backend, str):
+        be = registry.by_name(backend)
+    elif isinstance(backend, ExportBackend):
+        be = backend
+    else:
+        raise ConfigError(f"backend={backend!r} is neither a backend name nor a backend object")
+    target = Target.parse(output_uri or "", storage_options)
+    template_fields(target.uri)  # malformed templates fail here
+    be.check(target)
+    return _Config(target=target, trees=names, backend=be, env=env_map,
+                   export_on_failure=export_on_failure, conflict=cast(Conflict, conflict),
+                   chdir=chdir, keep_workspace=keep_workspace)
+
+
+def _decorate(obj: Any, cfg: _Config) -> Any:
+    from ray.actor import ActorClass
+    from ray.remote_function import RemoteFunction
+
+    if isinstance(obj, RemoteFunction):
+        wrapped = _wrap_function(obj._function, cfg)
+        opts = dict(obj._default_options)
+        return ray.remote(**opts)(wrapped) if opts else ray.remote(wrapped)
+    if isinstance(obj, ActorClass):
+        original = obj.__ray_metadata__.modified_class.__ray_actor_class__
+        sub = type(original.__name__, (original,), {"__module__": original.__module__,
+                                                     "__qualname__": original.__qualname__})
+        _wrap_methods(sub, original, cfg)
+        opts = dict(obj._default_options)
+        return ray.remote(**opts)(sub) if opts else ray.remote(sub)
+    if inspect.isclass(obj):
+        _wrap_methods(obj, obj, cfg)
+        return obj
+    if callable(obj):
+        return _wrap_function(obj, cfg)
+    raise ConfigError(f"@isolated_export cannot decorate {obj!r}",
+                      hint="decorate a function, a method, a class or a ray.remote object")
+
+
+def _wrap_methods(cls: type, source: type, cfg: _Config) -> None:
+    """Wrap the public methods of ``source`` onto ``cls``."""
+    for name, member in inspect.getmembers(source, inspect.isfunction):
+        if not name.startswith("_"):
+            setattr(cls, name, _wrap_function(member, cfg))
+
+
+def _wrap_function(fn: Callable[..., Any], cfg: _Config) -> Callable[..., Any]:
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigError(f"{fn.__qualname__} is a generator; @isolated_export needs one "
+                          "result per call", hint="return a value (e.g. a list) instead")
+    sig = inspect.signature(fn)
+    params = set(sig.parameters)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    fields = tuple(template_fields(cfg.target.uri))
+    available = sorted(params | set(BUILTIN_FIELDS))
+    if not takes_any:
+        for f in fields:
+            if f not in params and f not in BUILTIN_FIELDS:
+                raise TemplateError(f"field {{{f}}} is not an argument of {fn.__qualname__}",
+                                    template=cfg.target.uri, available=available)
+    function = f"{fn.__module__}.{fn.__qualname__}"
+    key = hashlib.sha256(
+        f"{function}\0{cfg.target.uri}\0{cfg.backend.name}".encode()
+    ).hexdigest()[:24]
+    call_cfg = _Config(**{**cfg.__dict__, "key": key, "function": function, "fields": fields})
+    driver.register_target(key, cfg.target, cfg.backend.prepare, cfg.backend.capabilities)
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> ExportResult:
+            return await _run_async(call_cfg, fn, args, kwargs)
+
+        return async_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> ExportResult:
+        return _run_sync(call_cfg, fn, args, kwargs)
+
+    return wrapper
+
+
+# -- the worker side ------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    cfg: _Config
+    target: Target
+    task_id: str
+    run: dict[str, Any]
+    prepared: Mapping[str, str]
+    ws: workspace.Workspace | None = None
+    started: float = 0.0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _attempt() -> int:
+    try:
+        core = ray._private.worker.global_worker.core_worker
+        return int(core.get_current_task_attempt_number())
+    except Exception:  # noqa: BLE001 - outside a task (direct call on the driver)
+        return 0
+
+
+def _begin(cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> _Call:
+    """Render the URI and look up the driver's facts; fails before the user's code runs."""
+    ctx = ray.get_runtime_context() if ray.is_initialized() else None
+    task_id = (ctx.get_task_id() if ctx else None) or "driver"
+    node_id = (ctx.get_node_id() if ctx else None) or "local"
+    job_id = (ctx.get_job_id() if ctx else None) or "local"
+    attempt = _attempt()
+    record = driver.lookup(cfg.key)
+    if cfg.backend.capabilities.needs_driver and record is None:
+        raise DestinationNotVisibleError(
+            "the driver did not prepare this destination, so this worker cannot prove it is "
+            "the one the driver meant",
+            uri=redact(cfg.target.uri),
+            hint="import raysync and decorate the function in the driver process (the "
+            "driver publishes each destination when ray.init() runs or at decoration)",
+        )
+    values: dict[str, Any] = {"task_id": task_id, "job_id": job_id, "node_id": node_id,
+                              "attempt": attempt}
+    if cfg.fields:
+        sig = inspect.signature(fn)
+        bound = sig.bind_partial(*args, **kwargs)
+        bound.apply_defaults()
+        for name, value in bound.arguments.items():
+            if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                values.update(value)  # fields may name any keyword a **kwargs function takes
+            else:
+                values[name] = value
+    uri = render(cfg.target.uri, values, available=sorted(set(values) - {"self"}))
+    target = Target(uri, cfg.target.scheme, cfg.target.options,
+                    record.cwd if record else (os.getcwd() if driver.is_driver() else None))
+    run = {
+        "function": cfg.function,
+        "task_id": task_id,
+        "job_id": job_id,
+        "attempt": attempt,
+        "node_id": node_id,
+        "hostname": socket.gethostname(),
+        "uri": redact(uri),
+        "backend": cfg.backend.name,
+    }
+    return _Call(cfg, target, task_id, run, record.backend_data if record else {})
+
+
+def _start(call: _Call) -> None:
+    call.ws = workspace.create(f"{call.task_id[:24]}-{call.run['attempt']}", call.cfg.trees)
+    call.started = time.perf_counter()
+    call.run["started_at"] = _now()
+
+
+def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResult:
+    """Scan and export; the workspace is removed only after a successful commit."""
+    assert call.ws is not None
+    run_seconds = time.perf_counter() - call.started
+    call.run["ended_at"] = _now()
+    call.run["status"] = "failed" if error is not None else "succeeded"
+    call.run["error"] = (
+        "".join(traceback.format_exception_only(type(error), error)).strip()[:2000]
+        if error is not None else None
+    )
+    be = call.cfg.backend
+    t0 = time.perf_counter()
+    try:
+        files = scan(call.ws.root, call.cfg.trees)
+        manifest = Manifest(files=files, run=call.run, trees=list(call.cfg.trees))
+        outcome = be.export(ExportRequest(
+            target=call.target, files=files, manifest=manifest, workspace=call.ws.root,
+            conflict=call.cfg.conflict, task_id=call.task_id, prepared=call.prepared,
+        ))
+    except RaySyncError as e:
+        raise e.kept_in(str(call.ws.root)) from None
+    except Exception as e:
+        raise ExportError(f"{type(e).__name__}: {e}", backend=be.name,
+                          uri=redact(call.target.uri), workspace=str(call.ws.root)) from e
+    seconds = time.perf_counter() - t0
+    stats = ExportStats(files=len(files), bytes=manifest.total_bytes, seconds=seconds,
+                        run_seconds=run_seconds, extra=outcome.extra_stats)
+    if not call.cfg.keep_workspace:
+        workspace.remove(call.ws)
+    return ExportResult(value=value, uri=outcome.uri, backend=be.name, manifest=manifest,
+                        stats=stats, payload=outcome.payload, _backend_obj=be)
+
+
+def _on_error(call: _Call, error: BaseException) -> None:
+    """The function raised: export the partial trees if asked, and tell the user where."""
+    assert call.ws is not None
+    if not call.cfg.export_on_failure or not isinstance(error, Exception):
+        _note(error, f"raysync: the call failed; its workspace is kept in {call.ws.root}")
+        return
+    try:
+        result = _finish(call, None, error)
+    except Exception as export_error:  # noqa: BLE001 - the user's exception must win
+        _note(error, f"raysync: exporting the partial trees also failed: {export_error}")
+        return
+    _note(error, f"raysync: the partial trees were exported with status 'failed' to "
+                 f"{result.uri}")
+    try:
+        error.raysync_result = result  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+
+
+def _note(error: BaseException, text: str) -> None:
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+
+
+def _run_sync(cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> ExportResult:
+    call = _begin(cfg, fn, args, kwargs)
+    lock = _CHDIR_LOCK if cfg.chdir else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        _start(call)
+        assert call.ws is not None
+        with workspace.activated(call.ws, cfg.env, chdir=cfg.chdir):
+            try:
+                value = fn(*args, **kwargs)
+            except BaseException as e:
+                error: BaseException | None = e
+            else:
+                error = None
+    finally:
+        if lock is not None:
+            lock.release()
+    if error is not None:
+        _on_error(call, error)
+        raise error
+    return _finish(call, value, None)
+
+
+def _async_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _ASYNC_LOCKS.get(id(loop))
+    if lock is None:
+        lock = _ASYNC_LOCKS[id(loop)] = asyncio.Lock()
+    return lock
+
+
+async def _run_async(cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> ExportResult:
+    call = _begin(cfg, fn, args, kwargs)
+    error: BaseException | None = None
+    value: Any = None
+    if cfg.chdir:
+        async with _async_lock():
+            _start(call)
+            assert call.ws is not None
+            with workspace.activated(call.ws, cfg.env, chdir=True):
+                try:
+                    value = await fn(*args, **kwargs)
+                except BaseException as e:
+                    error = e
+    else:
+        _start(call)
+        assert call.ws is not None
+        with workspace.activated(call.ws, cfg.env, chdir=False):
+            try:
+                value = await fn(*args, **kwargs)
+            except BaseException as e:
+                error = e
+    if error is not None:
+        await asyncio.to_thread(_on_error, call, error)
+        raise error
+    # Exporting is blocking I/O: keep the actor's event loop free for other calls.
+    return await asyncio.to_thread(_finish, call, value, None)

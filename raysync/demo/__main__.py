@@ -1,0 +1,7 @@
+"""``python -m raysync.demo``."""
+
+import sys
+
+from raysync.demo import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""Driver-side facts the worker needs, carried through Ray's internal KV store.
+
+A decorated function may be decorated at import time before ``ray.init()``, and it is decorated
+again when a worker re-imports its module, so facts captured at decoration time would be the
+worker's. Instead the driver *prepares* each decorated target once Ray is up (at decoration if
+Ray already runs, otherwise from a post-``ray.init`` hook) and publishes a record keyed by job
+id and target key: the driver's cwd and node id, plus what the backend's ``prepare`` returned.
+The worker reads that record by the same key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from raysync.backend import Capabilities
+from raysync.target import Target
+
+_KV_NAMESPACE = "raysync"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the driver published for one target in one job."""
+
+    cwd: str
+    node_id: str
+    hostname: str
+    backend_data: dict[str, str] = field(default_factory=dict)
+
+
+def is_driver() -> bool:
+    """True in a Ray driver process (or before ``ray.init``), False inside workers."""
+    worker = ray._private.worker.global_worker
+    return bool(getattr(worker, "mode", None) != ray._private.worker.WORKER_MODE)
+
+
+def _kv_key(job_id: str, target_key: str) -> bytes:
+    return f"target:{job_id}:{target_key}".encode()
+
+
+@dataclass
+class _Pending:
+    key: str
+    target: Target
+    prepare: Callable[[Target], Any]
+    capabilities: Capabilities
+
+
+_pending: dict[str, _Pending] = {}
+_published: set[tuple[str, str]] = set()
+_local: dict[str, Prepared] = {}
+_lock = threading.Lock()
+
+
+def register_target(
+    key: str, target: Target, prepare: Callable[[Target], Any], capabilities: Capabilities
+) -> None:
+    """Remember a decorated target; publish it now if Ray is up on this driver."""
+    if not is_driver():
+        return
+    with _lock:
+        _pending[key] = _Pending(key, target, prepare, capabilities)
+    if ray.is_initialized():
+        publish(key)
+
+
+def _make_record(pending: _Pending) -> Prepared:
+    cwd = os.getcwd()
+    target = Target(pending.target.uri, pending.target.scheme, pending.target.options, cwd)
+    data = dict(pending.prepare(target)) if pending.capabilities.needs_driver else {}
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    return Prepared(cwd=cwd, node_id=node_id, hostname=socket.gethostname(), backend_data=data)
+
+
+def publish(key: str) -> None:
+    """Prepare and publish one target for the current job (idempotent per job)."""
+    job_id = ray.get_runtime_context().get_job_id()
+    with _lock:
+        pending = _pending.get(key)
+        if pending is None or (job_id, key) in _published:
+            return
+        _published.add((job_id, key))
+    record = _make_record(pending)
+    _local[key] = record
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(
+        _kv_key(job_id, key), json.dumps(record.__dict__).encode(), overwrite=True,
+        namespace=_KV_NAMESPACE,
+    )
+
+
+def _on_ray_init() -> None:
+    if not is_driver():
+        return
+    with _lock:
+        # A new ray.init is a new cluster (job ids restart at 01000000): publish everything again.
+        _published.clear()
+        _local.clear()
+        keys = list(_pending)
+    for key in keys:
+        publish(key)
+
+
+def lookup(key: str) -> Prepared | None:
+    """The record the driver published for ``key`` in this job, if any.
+
+    On the driver itself (a decorated function called directly) the record is made locally.
+    """
+    if is_driver():
+        record = _local.get(key)
+        pending = _pending.get(key)
+        if record is None and pending is not None:
+            record = _local[key] = _make_record(pending)
+        return record
+    from ray.experimental import internal_kv
+
+    job_id = ray.get_runtime_context().get_job_id()
+    raw = internal_kv._internal_kv_get(_kv_key(job_id, key), namespace=_KV_NAMESPACE)
+    if raw is None:
+        return None
+    return Prepared(**json.loads(raw))
+
+
+def install_init_hook() -> None:
+    """Publish pending targets right after ``ray.init()`` on the driver.
+
+    Ray offers no public post-init hook; ``_post_init_hooks`` has existed since Ray 1.x. Where
+    it is missing, decoration after ``ray.init`` still publishes immediately.
+    """
+    hooks = getattr(ray._private.worker, "_post_init_hooks", None)
+    if isinstance(hooks, list) and _on_ray_init not in hooks:
+        hooks.append(_on_ray_init)

@@ -1,0 +1,126 @@
+"""The ExportBackend hook specification: how a backend plugs into raysync.
+
+A backend plugin is a module (or object) registered with pluggy under the project name
+``"raysync"``. It implements one pluggy hook, :func:`raysync_register_backends`, and registers
+one or more objects that follow the :class:`ExportBackend` protocol: the *backend hooks*
+raysync calls on the driver and on the worker.
+
+Built-in backends live in ``plugins/raysync_builtins`` and register through the same
+``raysync`` entry-point group a third-party package uses::
+
+    [project.entry-points.raysync]
+    mybackend = "raysync_mybackend"
+
+A minimal plugin module::
+
+    import raysync
+
+    class MyBackend:
+        name = "mine"
+        schemes = ("mine",)
+        default = False
+        capabilities = raysync.Capabilities(read_back=True)
+        def check(self, target): ...
+        def prepare(self, target): return {}
+        def export(self, request): ...
+        def materialize(self, result, dest, *, overwrite=False): ...
+
+    @raysync.hookimpl
+    def raysync_register_backends(register):
+        register(MyBackend())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Target
+    from raysync.result import ExportResult
+
+PROJECT_NAME = "raysync"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: Decorate your plugin's hook implementations with this marker.
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def raysync_register_backends(register: Callable[..., None]) -> None:
+    """Register the export backends this plugin provides.
+
+    Called once per process, the first time raysync needs a backend (on the driver when a
+    function is decorated, and again in each Ray worker process).
+
+    :param register: call ``register(backend, override=False)`` once per backend. ``backend``
+        follows :class:`ExportBackend`. ``override=True`` lets this backend take schemes (or the
+        name) another backend already claims; without it such a clash is a
+        :class:`raysync.errors.BackendConflictError` naming both.
+
+    Receiving a callback rather than returning a list lets raysync add keyword arguments to
+    ``register`` later without breaking existing plugins.
+    """
+
+
+@runtime_checkable
+class ExportBackend(Protocol):
+    """What a backend is: a name, the URI schemes it serves, what it can do, and four hooks.
+
+    The core calls the hooks in this order for one decorated function:
+
+    1. :meth:`check` on the driver at decoration time (no I/O);
+    2. :meth:`prepare` on the driver once Ray is up, when ``capabilities.needs_driver``;
+    3. :meth:`export` in the worker after every call;
+    4. :meth:`materialize` wherever the user asks for the files (usually the driver).
+    """
+
+    #: Unique backend name, used by ``isolated_export(backend="name")``.
+    name: str
+    #: URI schemes served (``"file"`` also serves plain paths without a scheme).
+    schemes: tuple[str, ...]
+    #: True for the one backend that serves ``output_uri=None``.
+    default: bool
+    #: What the backend can do; the core and ``raysync backends`` read it.
+    capabilities: Capabilities
+
+    def check(self, target: Target) -> None:
+        """Validate a target on the driver at decoration time, without I/O.
+
+        Raise a :class:`raysync.errors.ConfigError` subclass for anything wrong with the URI
+        or the options (unknown option, bad value). ``target.uri`` may still hold
+        ``{field}`` placeholders.
+        """
+
+    def prepare(self, target: Target) -> Mapping[str, str]:
+        """Prepare the destination on the driver; return facts the worker needs.
+
+        Called on the driver after ``ray.init`` (only when ``capabilities.needs_driver``), with
+        ``target.base_dir`` set to the driver's cwd. The returned strings are published through
+        Ray's internal KV store and handed to :meth:`export` as ``request.prepared``. Use this
+        to prove visibility (e.g. write a token into the destination root that the worker
+        must find). Return ``{}`` when there is nothing to publish.
+        """
+
+    def export(self, request: ExportRequest) -> ExportOutcome:
+        """Persist one call's files; runs in the Ray worker after the call.
+
+        Copy every ``request.files`` entry (fill in its ``sha256`` while copying, with
+        :func:`raysync.copy.copy_and_hash` or :func:`raysync.copy.read_and_hash`), then commit:
+        write ``request.manifest`` last, or rename a staged directory into place, so that a
+        reader never sees a half-written run. Honour ``request.conflict``. On failure raise
+        a :class:`raysync.errors.RaySyncError`; never delete the workspace files.
+        """
+
+    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+        """Bring a committed run's files to ``dest`` on this machine, atomically.
+
+        Files land at their manifest paths under ``dest``; an existing file with other contents
+        is an error unless ``overwrite``. :func:`raysync.result.place_files` does all of this.
+        Refuse any manifest path that would land outside ``dest``
+        (:class:`raysync.errors.UnsafePathError`); verify checksums; raise
+        :class:`raysync.errors.MaterializeError` when the run cannot be read from here.
+        """

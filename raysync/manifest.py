@@ -1,0 +1,228 @@
+"""The manifest: what a run holds, file by file, and how to scan trees into one.
+
+The JSON schema is documented in ``docs/manifest.md``. The manifest is the commit marker:
+backends write it last, and a run without one is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from raysync.errors import IntegrityError, TreeError, UnsafePathError
+
+FORMAT = "raysync.manifest"
+VERSION = 1
+#: File name of the manifest at the root of every committed run.
+MANIFEST_NAME = "raysync-manifest.json"
+
+
+@dataclass
+class FileEntry:
+    """One exported file. ``source`` is where it is on the worker (not serialised)."""
+
+    path: str
+    size: int
+    mode: int
+    sha256: str | None = None
+    source: Path | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "mode": self.mode, "sha256": self.sha256}
+
+
+@dataclass
+class Manifest:
+    """A run's manifest: its files and metadata. ``run`` holds function, task id, status..."""
+
+    files: list[FileEntry]
+    run: dict[str, Any]
+    trees: list[str]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def status(self) -> str:
+        return str(self.run.get("status", "unknown"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "run": self.run,
+            "trees": self.trees,
+            "totals": {"files": len(self.files), "bytes": self.total_bytes},
+            "files": [f.to_json() for f in self.files],
+        }
+
+    def to_bytes(self) -> bytes:
+        missing = [f.path for f in self.files if f.sha256 is None]
+        if missing:
+            # A backend that forgot to hash would publish a manifest that cannot verify.
+            raise IntegrityError("files were not hashed before commit", uri="-", bad=missing)
+        return json.dumps(self.to_json(), indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, uri: str = "-") -> Manifest:
+        try:
+            doc = json.loads(data)
+        except ValueError as e:
+            raise IntegrityError(f"manifest is not JSON ({e})", uri=uri, bad=[MANIFEST_NAME]) from e
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise IntegrityError("not a raysync manifest", uri=uri, bad=[MANIFEST_NAME])
+        if doc.get("version") != VERSION:
+            raise IntegrityError(
+                f"manifest version {doc.get('version')!r} is not supported by this raysync "
+                f"(reads version {VERSION}); upgrade raysync",
+                uri=uri,
+                bad=[MANIFEST_NAME],
+            )
+        files = []
+        for f in doc["files"]:
+            files.append(
+                FileEntry(path=check_relpath(f["path"]), size=int(f["size"]), mode=int(f["mode"]),
+                          sha256=str(f["sha256"]))
+            )
+        return cls(files=files, run=dict(doc["run"]), trees=list(doc["trees"]))
+
+
+def check_relpath(path: str) -> str:
+    """Return ``path`` if it is a safe relative POSIX path; raise otherwise (zip-slip guard)."""
+    p = PurePosixPath(path)
+    if (
+        not path
+        or p.is_absolute()
+        or "\\" in path
+        or "\x00" in path
+        or any(part in ("..", ".", "") for part in path.split("/"))
+        or p.as_posix() != path
+    ):
+        raise UnsafePathError(
+            "refusing a path that is absolute, empty or contains '..'",
+            path=path,
+            hint="manifest and payload paths must be plain relative POSIX paths",
+        )
+    return path
+
+
+def safe_join(root: Path, relpath: str) -> Path:
+    """``root / relpath`` after checking the result cannot escape ``root``."""
+    return root.joinpath(*check_relpath(relpath).split("/"))
+
+
+def check_tree_name(tree: str) -> str:
+    """Validate a tree name given to the decorator (``"export"``, ``"artifacts/summaries"``)."""
+    try:
+        return check_relpath(tree.rstrip("/") if tree != "/" else "")
+    except UnsafePathError as e:
+        raise TreeError(
+            f"tree {tree!r} must be a relative path inside the workspace",
+            hint="use names such as 'export', 'data' or 'artifacts'",
+        ) from e
+
+
+def _walk(root: Path, base: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """Yield (path, stat) for files under root, not following directory symlinks."""
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            p = Path(e.path)
+            st = e.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(p)
+            elif stat.S_ISLNK(st.st_mode):
+                yield p, _resolve_link(p, base)
+            elif stat.S_ISREG(st.st_mode):
+                yield p, st
+            else:
+                raise TreeError(
+                    f"{p.relative_to(base).as_posix()!r} is not a regular file "
+                    "(FIFO, socket or device); raysync exports regular files only",
+                    hint="remove it from the output tree or write its contents to a file",
+                )
+
+
+def _resolve_link(link: Path, base: Path) -> os.stat_result:
+    """A symlink is exported as the file it points to, if that stays inside the workspace."""
+    rel = link.relative_to(base).as_posix()
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise UnsafePathError(
+            "symlink is dangling or loops", path=rel, hint="remove the link or point it at a file"
+        ) from e
+    real_base = base.resolve()
+    if not target.is_relative_to(real_base):
+        raise UnsafePathError(
+            f"symlink points outside the workspace (to {target})",
+            path=rel,
+            hint="copy the file into the tree instead of linking to it",
+        )
+    st = target.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePathError(
+            "symlink points to a directory or a special file; only links to files are exported",
+            path=rel,
+            hint="copy the directory into the tree instead of linking to it",
+        )
+    return st
+
+
+def scan(workspace: Path, trees: Sequence[str]) -> list[FileEntry]:
+    """Walk the output trees of a workspace into manifest entries (not yet hashed).
+
+    A missing tree is simply empty. A tree that is a file is a :class:`TreeError`; symlinks
+    escaping the workspace are an :class:`UnsafePathError`.
+    """
+    entries: list[FileEntry] = []
+    for tree in trees:
+        root = workspace / tree
+        if not root.exists() and not root.is_symlink():
+            continue
+        if root.is_symlink() or not root.is_dir():
+            raise TreeError(
+                f"output tree {tree!r} is not a directory in {workspace}",
+                hint=f"write files under {tree}/ rather than creating a file or link named {tree}",
+            )
+        for path, st in _walk(root, workspace):
+            rel = path.relative_to(workspace).as_posix()
+            entries.append(
+                FileEntry(path=rel, size=st.st_size, mode=stat.S_IMODE(st.st_mode), source=path)
+            )
+    return entries
+
+
+def verify_files(manifest: Manifest, root: Path, *, uri: str) -> None:
+    """Re-hash every file of ``manifest`` under ``root``; raise :class:`IntegrityError` naming
+    the ones that are missing or differ."""
+    from raysync.copy import hash_file
+
+    bad: list[str] = []
+    for f in manifest.files:
+        p = safe_join(root, f.path)
+        try:
+            if p.stat().st_size != f.size or hash_file(p) != f.sha256:
+                bad.append(f.path)
+        except FileNotFoundError:
+            bad.append(f.path)
+    if bad:
+        raise IntegrityError("files do not match the manifest", uri=uri, bad=bad)
+
+
+def tree_names(trees: Iterable[str]) -> list[str]:
+    names = [check_tree_name(t) for t in trees]
+    for a in names:
+        for b in names:
+            if a != b and b.startswith(a + "/"):
+                raise TreeError(f"trees {a!r} and {b!r} overlap", hint="list each tree once")
+    return names

@@ -1,0 +1,150 @@
+"""What a decorated call returns, and bringing its files to the caller's machine."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raysync.errors import IntegrityError, MaterializeError
+from raysync.manifest import FileEntry, Manifest, safe_join
+
+
+@dataclass(frozen=True)
+class ExportStats:
+    """How big the export was and how fast it went."""
+
+    files: int
+    bytes: int
+    seconds: float
+    run_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mb_per_s(self) -> float:
+        """Export throughput in MB/s (10^6 bytes)."""
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ExportResult:
+    """The result of a call decorated with :func:`raysync.isolated_export`.
+
+    ``value`` is what the function returned, ``uri`` where the committed run lives,
+    ``manifest`` every file with its size, mode and sha256.
+    """
+
+    value: Any
+    uri: str
+    backend: str
+    manifest: Manifest
+    stats: ExportStats
+    payload: Any = field(default=None, repr=False)
+    _backend_obj: Any = field(default=None, repr=False, compare=False)
+
+    def materialize(self, dest: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write this run's files under ``dest`` on this machine and verify them.
+
+        Files land at their manifest paths (``dest/export/...``); existing files with other
+        contents are an error unless ``overwrite``. Returns ``dest`` as a :class:`Path`.
+        """
+        backend = self._backend_obj
+        if backend is None or not backend.capabilities.read_back:
+            raise MaterializeError(
+                f"backend {self.backend!r} cannot read runs back",
+                hint="read the files from the destination with the backend's own tools",
+            )
+        out = Path(dest).absolute()
+        backend.materialize(self, out, overwrite=overwrite)
+        return out
+
+
+def collect(
+    results: Iterable[Any], dest: str | os.PathLike[str], *, overwrite: bool = False
+) -> list[ExportResult]:
+    """Materialize many results (``ExportResult`` objects or Ray ``ObjectRef``s) into ``dest``.
+
+    Runs on the driver; files of different runs merge into one tree, and two runs that wrote
+    the same path with different contents are an error unless ``overwrite``.
+    """
+    import ray
+
+    items = list(results)
+    refs = [i for i in items if isinstance(i, ray.ObjectRef)]
+    got = dict(zip(refs, ray.get(refs), strict=True)) if refs else {}
+    out: list[ExportResult] = []
+    for item in items:
+        res = got[item] if isinstance(item, ray.ObjectRef) else item
+        if not isinstance(res, ExportResult):
+            raise MaterializeError(
+                f"collect() got {type(res).__name__}, not an ExportResult",
+                hint="pass the ObjectRefs of calls decorated with @isolated_export",
+            )
+        res.materialize(dest, overwrite=overwrite)
+        out.append(res)
+    return out
+
+
+def place_files(
+    dest: Path,
+    files: Sequence[FileEntry],
+    read: Callable[[FileEntry], Iterator[bytes | memoryview]],
+    *,
+    uri: str,
+    overwrite: bool = False,
+) -> None:
+    """Write ``files`` under ``dest``: all or nothing, each checked against its sha256.
+
+    Every path is checked first (no escapes, no conflicting existing file); the files are
+    staged in a hidden directory inside ``dest`` and verified; only then are they renamed into
+    place. On any failure the staging directory is removed and ``dest`` is as before.
+    """
+    targets = [safe_join(dest, f.path) for f in files]
+    if not overwrite:
+        from raysync.copy import hash_file
+
+        clashes = [
+            f.path for f, t in zip(files, targets, strict=True)
+            if t.exists() and (t.stat().st_size != f.size or hash_file(t) != f.sha256)
+        ]
+        if clashes:
+            raise MaterializeError(
+                f"{len(clashes)} file(s) already exist in {dest} with other contents: "
+                + ", ".join(clashes[:10]),
+                hint="materialize into an empty directory or pass overwrite=True",
+            )
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = dest / f".raysync-staging-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        staged = []
+        bad = []
+        for i, f in enumerate(files):
+            tmp = staging / str(i)
+            h = hashlib.sha256()
+            with open(tmp, "xb") as out:
+                for chunk in read(f):
+                    h.update(chunk)
+                    out.write(chunk)
+            os.chmod(tmp, f.mode)
+            if h.hexdigest() != f.sha256:
+                bad.append(f.path)
+            staged.append(tmp)
+        if bad:
+            raise IntegrityError("files do not match the manifest", uri=uri, bad=bad)
+        for tmp, target in zip(staged, targets, strict=True):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_path_chunks(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Stream a file in chunks (for :func:`place_files`)."""
+    with open(path, "rb") as f:
+        yield from iter(lambda: f.read(chunk), b"")

@@ -1,0 +1,184 @@
+"""Per-call private workspaces (DESIGN invariant 1).
+
+Each call gets ``<ray session dir>/raysync_workspaces/<call id>/`` on its node. Every top-level
+entry of the directory the worker started in (the unpacked runtime_env ``working_dir``, or the
+driver's cwd when there is none) is symlinked into it, so code, Makefiles and inputs are visible;
+the output trees are fresh, private, empty directories. The shared ``_ray_pkg_`` directory
+itself is never written to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from raysync.errors import TreeError
+
+log = logging.getLogger("raysync")
+
+#: Standard trees and the environment variable naming each one's absolute path.
+TREE_ENV = {"export": "RAYSYNC_EXPORT_DIR", "data": "RAYSYNC_DATA_DIR",
+            "artifacts": "RAYSYNC_ARTIFACTS_DIR"}
+WORKSPACE_ENV = "RAYSYNC_WORKSPACE"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A call's private directory. Use :func:`raysync.current_workspace` inside a call."""
+
+    root: Path
+    source: Path
+    trees: tuple[str, ...]
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / "artifacts"
+
+    def tree(self, name: str) -> Path:
+        return self.root / name
+
+    def env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        """The environment variables a call sees (``extra`` values are workspace-relative)."""
+        out = {WORKSPACE_ENV: str(self.root)}
+        out.update({var: str(self.root / tree) for tree, var in TREE_ENV.items()})
+        out.update({k: str(self.root / v) for k, v in extra.items()})
+        # Subprocesses of the call must not write bytecode into the shared package either.
+        out["PYTHONDONTWRITEBYTECODE"] = "1"
+        out["PYTHONPYCACHEPREFIX"] = str(self.root / ".pycache")
+        return out
+
+
+_current: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar(
+    "raysync_workspace", default=None
+)
+_warned_no_working_dir = False
+_warn_lock = threading.Lock()
+
+
+def current_workspace() -> Workspace:
+    """The workspace of the decorated call running in this thread or task.
+
+    Works in every mode, including ``chdir=False`` for threaded and async actors, where the
+    process cwd is shared and code must use these paths instead of relative ones.
+    """
+    ws = _current.get()
+    if ws is None:
+        raise RuntimeError("raysync.current_workspace() is only available inside a call "
+                           "decorated with @isolated_export")
+    return ws
+
+
+def _has_working_dir() -> bool:
+    try:
+        return bool(ray.get_runtime_context().runtime_env.working_dir())
+    except Exception:  # noqa: BLE001 - outside Ray, or an older runtime_env API
+        return False
+
+
+def _warn_no_working_dir(source: Path) -> None:
+    global _warned_no_working_dir
+    with _warn_lock:
+        if _warned_no_working_dir:
+            return
+        _warned_no_working_dir = True
+    warnings.warn(
+        f"raysync: this task has no runtime_env working_dir, so it started in {source} "
+        "(the driver's directory on a single node, absent on other nodes). It runs in a "
+        "private workspace that links to that directory; nothing is written into it. Set "
+        "runtime_env={'working_dir': '.'} for a cluster-ready job.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _base_dir() -> Path:
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None:
+        try:
+            return Path(node.get_session_dir_path()) / "raysync_workspaces"
+        except Exception:  # noqa: BLE001 - fall back to the temp dir below
+            log.debug("no Ray session dir; using the temp dir for workspaces")
+    return Path(tempfile.gettempdir()) / "raysync_workspaces"
+
+
+def create(call_id: str, trees: Sequence[str], source: Path | None = None) -> Workspace:
+    """Make a fresh workspace for one call; ``source`` defaults to the process cwd."""
+    src = Path(source or os.getcwd())
+    if not _has_working_dir():
+        _warn_no_working_dir(src)
+    root = _base_dir() / f"{call_id}-{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True)
+    heads = {t.split("/", 1)[0] for t in trees}
+    for tree in heads:
+        existing = src / tree
+        if existing.exists() and not existing.is_dir():
+            raise TreeError(
+                f"output tree {tree!r} is a file in the working directory {src}",
+                hint=f"rename {existing.name} or choose other trees= for isolated_export",
+            )
+    with os.scandir(src) as it:
+        for entry in it:
+            if entry.name not in heads:
+                os.symlink(entry.path, root / entry.name)
+    for tree in trees:
+        (root / tree).mkdir(parents=True, exist_ok=True)
+    return Workspace(root=root, source=src, trees=tuple(trees))
+
+
+def remove(ws: Workspace) -> None:
+    """Delete a workspace (only after its export committed). Links are removed, not followed."""
+    shutil.rmtree(ws.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def activated(ws: Workspace, extra_env: Mapping[str, str], *, chdir: bool) -> Iterator[None]:
+    """Make ``ws`` current; with ``chdir`` also set cwd and env, restoring both afterwards.
+
+    The caller serialises chdir-mode calls in one process (cwd and env are process-wide).
+    """
+    token = _current.set(ws)
+    if not chdir:
+        try:
+            yield
+        finally:
+            _current.reset(token)
+        return
+    old_cwd = os.getcwd()
+    new_env = ws.env(extra_env)
+    old_env = {k: os.environ.get(k) for k in new_env}
+    old_bytecode = sys.dont_write_bytecode
+    os.environ.update(new_env)
+    sys.dont_write_bytecode = True
+    os.chdir(ws.root)
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        sys.dont_write_bytecode = old_bytecode
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _current.reset(token)
