@@ -95,8 +95,17 @@ def isolated_export(
     existing ``ray.remote`` function or actor class. Every decorated call returns an
     :class:`raysync.ExportResult`.
     """
-    cfg = _make_config(output_uri, trees, backend, storage_options, env, export_on_failure,
-                       conflict, chdir, keep_workspace)
+    cfg = _make_config(
+        output_uri,
+        trees,
+        backend,
+        storage_options,
+        env,
+        export_on_failure,
+        conflict,
+        chdir,
+        keep_workspace,
+    )
 
     def decorate(obj: F) -> F:
         return cast(F, _decorate(obj, cfg))
@@ -116,26 +125,37 @@ def _make_config(
     keep_workspace: bool,
 ) -> _Config:
     if output_uri is not None and (not isinstance(output_uri, str) or not output_uri.strip()):
-        raise ConfigError(f"output_uri must be a non-empty string or None, not {output_uri!r}",
-                          hint="e.g. 'artifacts/runs/{run_id}' or 's3://bucket/runs/{run_id}'")
+        raise ConfigError(
+            f"output_uri must be a non-empty string or None, not {output_uri!r}",
+            hint="e.g. 'artifacts/runs/{run_id}' or 's3://bucket/runs/{run_id}'",
+        )
     if isinstance(trees, str):
-        raise ConfigError(f"trees must be a list of names, not the string {trees!r}",
-                          hint=f"write trees=[{trees!r}]")
+        raise ConfigError(
+            f"trees must be a list of names, not the string {trees!r}",
+            hint=f"write trees=[{trees!r}]",
+        )
     names = tuple(tree_names(trees))
     if not names:
-        raise ConfigError("trees is empty: nothing would be exported",
-                          hint="name at least one tree, e.g. trees=['export']")
+        raise ConfigError(
+            "trees is empty: nothing would be exported",
+            hint="name at least one tree, e.g. trees=['export']",
+        )
     if conflict not in CONFLICT_POLICIES:
         raise ConfigError(f"conflict={conflict!r} is not one of {CONFLICT_POLICIES}")
     env_map = dict(env or {})
     for k, v in env_map.items():
         if not isinstance(k, str) or not isinstance(v, str) or not k:
-            raise ConfigError(f"env entry {k!r}: {v!r} must map a name to a workspace path",
-                              hint="e.g. env={'TV_ARTIFACTS_DIR': 'artifacts'}")
+            raise ConfigError(
+                f"env entry {k!r}: {v!r} must map a name to a workspace path",
+                hint="e.g. env={'TV_ARTIFACTS_DIR': 'artifacts'}",
+            )
     registry = get_registry()
     if backend is None:
-        be = registry.default() if output_uri is None else registry.for_scheme(
-            Target.parse(output_uri).scheme)
+        be = (
+            registry.default()
+            if output_uri is None
+            else registry.for_scheme(Target.parse(output_uri).scheme)
+        )
     elif isinstance(backend, str):
         be = registry.by_name(backend)
     elif isinstance(backend, ExportBackend):
@@ -145,9 +165,16 @@ def _make_config(
     target = Target.parse(output_uri or "", storage_options)
     template_fields(target.uri)  # malformed templates fail here
     be.check(target)
-    return _Config(target=target, trees=names, backend=be, env=env_map,
-                   export_on_failure=export_on_failure, conflict=cast(Conflict, conflict),
-                   chdir=chdir, keep_workspace=keep_workspace)
+    return _Config(
+        target=target,
+        trees=names,
+        backend=be,
+        env=env_map,
+        export_on_failure=export_on_failure,
+        conflict=cast(Conflict, conflict),
+        chdir=chdir,
+        keep_workspace=keep_workspace,
+    )
 
 
 def _decorate(obj: Any, cfg: _Config) -> Any:
@@ -160,8 +187,11 @@ def _decorate(obj: Any, cfg: _Config) -> Any:
         return ray.remote(**opts)(wrapped) if opts else ray.remote(wrapped)
     if isinstance(obj, ActorClass):
         original = obj.__ray_metadata__.modified_class.__ray_actor_class__
-        sub = type(original.__name__, (original,), {"__module__": original.__module__,
-                                                     "__qualname__": original.__qualname__})
+        sub = type(
+            original.__name__,
+            (original,),
+            {"__module__": original.__module__, "__qualname__": original.__qualname__},
+        )
         _wrap_methods(sub, original, cfg)
         opts = dict(obj._default_options)
         return ray.remote(**opts)(sub) if opts else ray.remote(sub)
@@ -170,8 +200,10 @@ def _decorate(obj: Any, cfg: _Config) -> Any:
         return obj
     if callable(obj):
         return _wrap_function(obj, cfg)
-    raise ConfigError(f"@isolated_export cannot decorate {obj!r}",
-                      hint="decorate a function, a method, a class or a ray.remote object")
+    raise ConfigError(
+        f"@isolated_export cannot decorate {obj!r}",
+        hint="decorate a function, a method, a class or a ray.remote object",
+    )
 
 
 def _wrap_methods(cls: type, source: type, cfg: _Config) -> None:
@@ -183,8 +215,10 @@ def _wrap_methods(cls: type, source: type, cfg: _Config) -> None:
 
 def _wrap_function(fn: Callable[..., Any], cfg: _Config) -> Callable[..., Any]:
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-        raise ConfigError(f"{fn.__qualname__} is a generator; @isolated_export needs one "
-                          "result per call", hint="return a value (e.g. a list) instead")
+        raise ConfigError(
+            f"{fn.__qualname__} is a generator; @isolated_export needs one result per call",
+            hint="return a value (e.g. a list) instead",
+        )
     sig = inspect.signature(fn)
     params = set(sig.parameters)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
@@ -193,12 +227,15 @@ def _wrap_function(fn: Callable[..., Any], cfg: _Config) -> Callable[..., Any]:
     if not takes_any:
         for f in fields:
             if f not in params and f not in BUILTIN_FIELDS:
-                raise TemplateError(f"field {{{f}}} is not an argument of {fn.__qualname__}",
-                                    template=cfg.target.uri, available=available)
+                raise TemplateError(
+                    f"field {{{f}}} is not an argument of {fn.__qualname__}",
+                    template=cfg.target.uri,
+                    available=available,
+                )
     function = f"{fn.__module__}.{fn.__qualname__}"
-    key = hashlib.sha256(
-        f"{function}\0{cfg.target.uri}\0{cfg.backend.name}".encode()
-    ).hexdigest()[:24]
+    key = hashlib.sha256(f"{function}\0{cfg.target.uri}\0{cfg.backend.name}".encode()).hexdigest()[
+        :24
+    ]
     call_cfg = _Config(**{**cfg.__dict__, "key": key, "function": function, "fields": fields})
     driver.register_target(key, cfg.target, cfg.backend.prepare, cfg.backend.capabilities)
 
@@ -243,8 +280,9 @@ def _attempt() -> int:
         return 0
 
 
-def _begin(cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...],
-           kwargs: dict[str, Any]) -> _Call:
+def _begin(
+    cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> _Call:
     """Render the URI and look up the driver's facts; fails before the user's code runs."""
     ctx = ray.get_runtime_context() if ray.is_initialized() else None
     task_id = (ctx.get_task_id() if ctx else None) or "driver"
@@ -260,8 +298,12 @@ def _begin(cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...],
             hint="import raysync and decorate the function in the driver process (the "
             "driver publishes each destination when ray.init() runs or at decoration)",
         )
-    values: dict[str, Any] = {"task_id": task_id, "job_id": job_id, "node_id": node_id,
-                              "attempt": attempt}
+    values: dict[str, Any] = {
+        "task_id": task_id,
+        "job_id": job_id,
+        "node_id": node_id,
+        "attempt": attempt,
+    }
     if cfg.fields:
         sig = inspect.signature(fn)
         bound = sig.bind_partial(*args, **kwargs)
@@ -272,8 +314,12 @@ def _begin(cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...],
             else:
                 values[name] = value
     uri = render(cfg.target.uri, values, available=sorted(set(values) - {"self"}))
-    target = Target(uri, cfg.target.scheme, cfg.target.options,
-                    record.cwd if record else (os.getcwd() if driver.is_driver() else None))
+    target = Target(
+        uri,
+        cfg.target.scheme,
+        cfg.target.options,
+        record.cwd if record else (os.getcwd() if driver.is_driver() else None),
+    )
     run = {
         "function": cfg.function,
         "task_id": task_id,
@@ -301,29 +347,53 @@ def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResul
     call.run["status"] = "failed" if error is not None else "succeeded"
     call.run["error"] = (
         "".join(traceback.format_exception_only(type(error), error)).strip()[:2000]
-        if error is not None else None
+        if error is not None
+        else None
     )
     be = call.cfg.backend
     t0 = time.perf_counter()
     try:
         files = scan(call.ws.root, call.cfg.trees)
         manifest = Manifest(files=files, run=call.run, trees=list(call.cfg.trees))
-        outcome = be.export(ExportRequest(
-            target=call.target, files=files, manifest=manifest, workspace=call.ws.root,
-            conflict=call.cfg.conflict, task_id=call.task_id, prepared=call.prepared,
-        ))
+        outcome = be.export(
+            ExportRequest(
+                target=call.target,
+                files=files,
+                manifest=manifest,
+                workspace=call.ws.root,
+                conflict=call.cfg.conflict,
+                task_id=call.task_id,
+                prepared=call.prepared,
+            )
+        )
     except RaySyncError as e:
         raise e.kept_in(str(call.ws.root)) from None
     except Exception as e:
-        raise ExportError(f"{type(e).__name__}: {e}", backend=be.name,
-                          uri=redact(call.target.uri), workspace=str(call.ws.root)) from e
+        raise ExportError(
+            f"{type(e).__name__}: {e}",
+            backend=be.name,
+            uri=redact(call.target.uri),
+            workspace=str(call.ws.root),
+        ) from e
     seconds = time.perf_counter() - t0
-    stats = ExportStats(files=len(files), bytes=manifest.total_bytes, seconds=seconds,
-                        run_seconds=run_seconds, extra=outcome.extra_stats)
+    stats = ExportStats(
+        files=len(files),
+        bytes=manifest.total_bytes,
+        seconds=seconds,
+        run_seconds=run_seconds,
+        extra=outcome.extra_stats,
+    )
     if not call.cfg.keep_workspace:
         workspace.remove(call.ws)
-    return ExportResult(value=value, uri=outcome.uri, backend=be.name, manifest=manifest,
-                        stats=stats, payload=outcome.payload, _backend_obj=be)
+    return ExportResult(
+        value=value,
+        uri=outcome.uri,
+        backend=be.name,
+        manifest=manifest,
+        stats=stats,
+        payload=outcome.payload,
+        _backend_obj=be,
+    )
 
 
 def _on_error(call: _Call, error: BaseException) -> None:
@@ -337,8 +407,7 @@ def _on_error(call: _Call, error: BaseException) -> None:
     except Exception as export_error:  # noqa: BLE001 - the user's exception must win
         _note(error, f"raysync: exporting the partial trees also failed: {export_error}")
         return
-    _note(error, f"raysync: the partial trees were exported with status 'failed' to "
-                 f"{result.uri}")
+    _note(error, f"raysync: the partial trees were exported with status 'failed' to {result.uri}")
     try:
         error.raysync_result = result  # type: ignore[attr-defined]
     except AttributeError:
@@ -351,8 +420,9 @@ def _note(error: BaseException, text: str) -> None:
         add_note(text)
 
 
-def _run_sync(cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> ExportResult:
+def _run_sync(
+    cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> ExportResult:
     call = _begin(cfg, fn, args, kwargs)
     lock = _CHDIR_LOCK if cfg.chdir else None
     if lock is not None:
@@ -363,7 +433,7 @@ def _run_sync(cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...],
         with workspace.activated(call.ws, cfg.env, chdir=cfg.chdir):
             try:
                 value = fn(*args, **kwargs)
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
                 error: BaseException | None = e
             else:
                 error = None
@@ -384,8 +454,9 @@ def _async_lock() -> asyncio.Lock:
     return lock
 
 
-async def _run_async(cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...],
-                     kwargs: dict[str, Any]) -> ExportResult:
+async def _run_async(
+    cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> ExportResult:
     call = _begin(cfg, fn, args, kwargs)
     error: BaseException | None = None
     value: Any = None
@@ -396,7 +467,7 @@ async def _run_async(cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...]
             with workspace.activated(call.ws, cfg.env, chdir=True):
                 try:
                     value = await fn(*args, **kwargs)
-                except BaseException as e:
+                except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
                     error = e
     else:
         _start(call)
@@ -404,7 +475,7 @@ async def _run_async(cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...]
         with workspace.activated(call.ws, cfg.env, chdir=False):
             try:
                 value = await fn(*args, **kwargs)
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
                 error = e
     if error is not None:
         await asyncio.to_thread(_on_error, call, error)

@@ -93,7 +93,9 @@ def publish(key: str) -> None:
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_put(
-        _kv_key(job_id, key), json.dumps(record.__dict__).encode(), overwrite=True,
+        _kv_key(job_id, key),
+        json.dumps(record.__dict__).encode(),
+        overwrite=True,
         namespace=_KV_NAMESPACE,
     )
 

@@ -15,6 +15,9 @@ class RaySyncError(Exception):
     ``hint`` says how to fix the problem; it is appended to the message.
     """
 
+    #: Where the call's artifacts are kept when an export failed (set by the core).
+    workspace: str | None = None
+
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.message = message
         self.hint = hint
@@ -22,7 +25,7 @@ class RaySyncError(Exception):
 
     def kept_in(self, workspace: str) -> RaySyncError:
         """Record (and say in the message) where the call's artifacts are still kept."""
-        if getattr(self, "workspace", None) is None:
+        if self.workspace is None:
             self.workspace = workspace
             first = str(self.args[0]) if self.args else self.message
             self.args = (f"{first}\n  the artifacts are kept in {workspace}", *self.args[1:])
@@ -34,7 +37,9 @@ class RaySyncError(Exception):
         return (_rebuild, (type(self), self.__dict__.copy(), self.args))
 
 
-def _rebuild(cls: type[RaySyncError], state: dict[str, object], args: tuple[object, ...]) -> RaySyncError:
+def _rebuild(
+    cls: type[RaySyncError], state: dict[str, object], args: tuple[object, ...]
+) -> RaySyncError:
     err = cls.__new__(cls)
     Exception.__init__(err, *args)
     err.__dict__.update(state)

@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import pluggy
 
 if TYPE_CHECKING:
-    from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Target
+    from raysync.backend import Capabilities, ExportOutcome, ExportRequest
     from raysync.result import ExportResult
+    from raysync.target import Target
 
 PROJECT_NAME = "raysync"
 

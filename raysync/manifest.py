@@ -87,8 +87,12 @@ class Manifest:
         files = []
         for f in doc["files"]:
             files.append(
-                FileEntry(path=check_relpath(f["path"]), size=int(f["size"]), mode=int(f["mode"]),
-                          sha256=str(f["sha256"]))
+                FileEntry(
+                    path=check_relpath(f["path"]),
+                    size=int(f["size"]),
+                    mode=int(f["mode"]),
+                    sha256=str(f["sha256"]),
+                )
             )
         return cls(files=files, run=dict(doc["run"]), trees=list(doc["trees"]))
 

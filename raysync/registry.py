@@ -23,8 +23,16 @@ from raysync.hookspecs import ExportBackend
 
 ENTRY_POINT_GROUP = "raysync"
 PLUGINS_ENV = "RAYSYNC_PLUGINS"
-_REQUIRED = ("name", "schemes", "default", "capabilities", "check", "prepare", "export",
-             "materialize")
+_REQUIRED = (
+    "name",
+    "schemes",
+    "default",
+    "capabilities",
+    "check",
+    "prepare",
+    "export",
+    "materialize",
+)
 
 
 @dataclass(frozen=True)
@@ -52,9 +60,11 @@ class Registry:
     # -- loading -------------------------------------------------------------------------
     def _load_entry_points(self) -> None:
         wanted = os.environ.get(PLUGINS_ENV)
-        allow = None if wanted is None or wanted.strip() == "all" else {
-            n.strip() for n in wanted.split(",") if n.strip()
-        }
+        allow = (
+            None
+            if wanted is None or wanted.strip() == "all"
+            else {n.strip() for n in wanted.split(",") if n.strip()}
+        )
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
             if allow is not None and ep.name not in allow:
                 continue
@@ -89,8 +99,9 @@ class Registry:
                 )
 
             def register(backend: ExportBackend, *, override: bool = False) -> None:
-                self.register_backend(backend, override=override, source=source or name,
-                                      version=version)
+                self.register_backend(
+                    backend, override=override, source=source or name, version=version
+                )
 
             hook(register=register)
 
@@ -119,11 +130,17 @@ class Registry:
                 old = table.get(key)
                 if old is not None and old.backend.name != backend.name and not override:
                     raise BackendConflictError(label, _describe(old), _describe(info))
-            if backend.default and self._default is not None and not override and (
-                self._default.backend.name != backend.name
+            if (
+                backend.default
+                and self._default is not None
+                and not override
+                and (self._default.backend.name != backend.name)
             ):
-                raise BackendConflictError("output_uri=None (the default backend)",
-                                           _describe(self._default), _describe(info))
+                raise BackendConflictError(
+                    "output_uri=None (the default backend)",
+                    _describe(self._default),
+                    _describe(info),
+                )
             for table, key, _ in keys:
                 table[key] = info
             if backend.default:
@@ -144,8 +161,9 @@ class Registry:
 
     def default(self) -> ExportBackend:
         if self._default is None:
-            raise BackendNotFoundError("output_uri=None (no default backend is installed)",
-                                       installed=self._labels())
+            raise BackendNotFoundError(
+                "output_uri=None (no default backend is installed)", installed=self._labels()
+            )
         return self._default.backend
 
     def backends(self) -> list[BackendInfo]:

@@ -109,7 +109,8 @@ def place_files(
         from raysync.copy import hash_file
 
         clashes = [
-            f.path for f, t in zip(files, targets, strict=True)
+            f.path
+            for f, t in zip(files, targets, strict=True)
             if t.exists() and (t.stat().st_size != f.size or hash_file(t) != f.sha256)
         ]
         if clashes:

@@ -30,8 +30,11 @@ from raysync.errors import TreeError
 log = logging.getLogger("raysync")
 
 #: Standard trees and the environment variable naming each one's absolute path.
-TREE_ENV = {"export": "RAYSYNC_EXPORT_DIR", "data": "RAYSYNC_DATA_DIR",
-            "artifacts": "RAYSYNC_ARTIFACTS_DIR"}
+TREE_ENV = {
+    "export": "RAYSYNC_EXPORT_DIR",
+    "data": "RAYSYNC_DATA_DIR",
+    "artifacts": "RAYSYNC_ARTIFACTS_DIR",
+}
 WORKSPACE_ENV = "RAYSYNC_WORKSPACE"
 
 
@@ -84,8 +87,10 @@ def current_workspace() -> Workspace:
     """
     ws = _current.get()
     if ws is None:
-        raise RuntimeError("raysync.current_workspace() is only available inside a call "
-                           "decorated with @isolated_export")
+        raise RuntimeError(
+            "raysync.current_workspace() is only available inside a call "
+            "decorated with @isolated_export"
+        )
     return ws
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import raysync
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Target
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest
 from raysync.copy import copy_and_hash
 from raysync.errors import (
     ConfigError,
@@ -28,9 +28,9 @@ from raysync.errors import (
 )
 from raysync.manifest import MANIFEST_NAME, Manifest, safe_join
 from raysync.result import ExportResult, place_files, read_path_chunks
-from raysync.target import split_scheme
+from raysync.target import Target, split_scheme
 
-TOKEN_NAME = ".raysync-visible"
+TOKEN_NAME = ".raysync-visible"  # noqa: S105 - a file name, not a secret
 
 
 def _run_dir(uri: str) -> Path:
@@ -61,8 +61,10 @@ class LocalCopyBackend:
                 hint="remove storage_options for local paths",
             )
         if not target.path.strip():
-            raise ConfigError("the local destination path is empty",
-                              hint="e.g. output_uri='artifacts/runs/{run_id}'")
+            raise ConfigError(
+                "the local destination path is empty",
+                hint="e.g. output_uri='artifacts/runs/{run_id}'",
+            )
 
     def prepare(self, target: Target) -> Mapping[str, str]:
         root = Path(target.local_path(target.root or "."))
@@ -76,8 +78,11 @@ class LocalCopyBackend:
                 pass
             token = token_file.read_text().strip()
         except OSError as e:
-            raise DestinationError(f"cannot prepare the destination root {root}: {e}",
-                                   uri=str(root), hint="check the path and its permissions") from e
+            raise DestinationError(
+                f"cannot prepare the destination root {root}: {e}",
+                uri=str(root),
+                hint="check the path and its permissions",
+            ) from e
         return {"root": str(root), "token": token}
 
     def export(self, request: ExportRequest) -> ExportOutcome:
@@ -93,13 +98,15 @@ class LocalCopyBackend:
                 replace = True
             else:
                 raise RunExistsError(
-                    "a committed run already exists here", uri=uri,
+                    "a committed run already exists here",
+                    uri=uri,
                     hint="use another output_uri (e.g. add {task_id}) or conflict='overwrite'",
                 )
         elif dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             if request.conflict != "overwrite":
                 raise RunExistsError(
-                    "the destination exists and is not a raysync run", uri=uri,
+                    "the destination exists and is not a raysync run",
+                    uri=uri,
                     hint="choose an empty or new directory, or conflict='overwrite'",
                 )
             replace = True
@@ -139,8 +146,7 @@ class LocalCopyBackend:
                 "backend that reaches the driver (return-by-value, an object store)",
             )
         if not dest.is_relative_to(root):
-            raise DestinationNotVisibleError(f"{dest} is outside the prepared root {root}",
-                                             uri=uri)
+            raise DestinationNotVisibleError(f"{dest} is outside the prepared root {root}", uri=uri)
 
     @staticmethod
     def _commit(staging: Path, dest: Path, *, replace: bool, uri: str) -> None:
@@ -152,7 +158,8 @@ class LocalCopyBackend:
             except OSError as e:
                 if dest.exists():
                     raise RunExistsError(
-                        "another call committed this run first", uri=uri,
+                        "another call committed this run first",
+                        uri=uri,
                         hint="give each call its own output_uri (e.g. add {task_id})",
                     ) from e
                 raise
@@ -171,12 +178,20 @@ class LocalCopyBackend:
                 hint="materialize on a node that mounts the destination",
             )
         if committed.run.get("task_id") != result.manifest.run.get("task_id"):
-            raise IntegrityError("the run at this path was replaced by another call",
-                                 uri=result.uri, bad=[MANIFEST_NAME])
+            raise IntegrityError(
+                "the run at this path was replaced by another call",
+                uri=result.uri,
+                bad=[MANIFEST_NAME],
+            )
         if src.resolve() == dest.resolve():
             return
-        place_files(dest, committed.files, lambda f: read_path_chunks(safe_join(src, f.path)),
-                    uri=result.uri, overwrite=overwrite)
+        place_files(
+            dest,
+            committed.files,
+            lambda f: read_path_chunks(safe_join(src, f.path)),
+            uri=result.uri,
+            overwrite=overwrite,
+        )
 
 
 @raysync.hookimpl

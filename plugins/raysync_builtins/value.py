@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import raysync
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Target
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest
 from raysync.copy import read_and_hash
 from raysync.errors import ConfigError, MaterializeError, PayloadTooLargeError
 from raysync.manifest import check_relpath
 from raysync.result import ExportResult, place_files
+from raysync.target import Target
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
@@ -54,8 +55,9 @@ class ReturnByValueBackend:
     def check(self, target: Target) -> None:
         unknown = set(target.options) - {"max_bytes"}
         if unknown:
-            raise ConfigError(f"return-by-value takes only storage_options max_bytes, "
-                              f"got {sorted(unknown)}")
+            raise ConfigError(
+                f"return-by-value takes only storage_options max_bytes, got {sorted(unknown)}"
+            )
         limit = target.options.get("max_bytes", DEFAULT_MAX_BYTES)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
             raise ConfigError(f"max_bytes must be a positive integer, not {limit!r}")
@@ -92,8 +94,10 @@ class ReturnByValueBackend:
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
         payload = result.payload
         if not isinstance(payload, Payload):
-            raise MaterializeError("this result carries no files",
-                                   hint="was it produced by the return-by-value backend?")
+            raise MaterializeError(
+                "this result carries no files",
+                hint="was it produced by the return-by-value backend?",
+            )
 
         def read(entry: Any) -> Iterator[memoryview]:
             yield payload.view(entry.path)

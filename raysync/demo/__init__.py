@@ -26,8 +26,13 @@ PIPELINE_DIR = Path(__file__).parent / "pipeline"
 def run_pipeline(profile: str, run_id: str) -> dict[str, Any]:
     """The user's code: runs ``make`` in its cwd and reads back what it wrote there."""
     if shutil.which("make"):
-        cmd = ["make", "--no-print-directory", f"PYTHON={sys.executable}", f"RUN={run_id}",
-               f"PROFILE={profile}"]
+        cmd = [
+            "make",
+            "--no-print-directory",
+            f"PYTHON={sys.executable}",
+            f"RUN={run_id}",
+            f"PROFILE={profile}",
+        ]
     else:  # the pipeline does not need make, only the Makefile's one command
         cmd = [sys.executable, "pipeline.py", "--run", run_id, "--profile", profile]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -61,10 +66,21 @@ def run_demo(host_dir: Path, *, runs: int = 4, by_value: int = 2) -> list[Row]:
     collect(results[runs:], host_dir / "artifacts" / "by-value", overwrite=True)
     rows = []
     for r in results:
-        where = (str(host_dir / "artifacts" / "by-value") if r.backend == "value"
-                 else r.uri.removeprefix("file://"))
-        rows.append(Row(r.value["run"], r.backend, r.stats.files, r.stats.bytes,
-                        r.stats.mb_per_s, os.path.relpath(where, host_dir)))
+        where = (
+            str(host_dir / "artifacts" / "by-value")
+            if r.backend == "value"
+            else r.uri.removeprefix("file://")
+        )
+        rows.append(
+            Row(
+                r.value["run"],
+                r.backend,
+                r.stats.files,
+                r.stats.bytes,
+                r.stats.mb_per_s,
+                os.path.relpath(where, host_dir),
+            )
+        )
     return rows
 
 
@@ -72,8 +88,9 @@ def format_table(rows: list[Row]) -> str:
     head = f"{'run':<10} {'backend':<8} {'files':>5} {'bytes':>9} {'MB/s':>8}  where"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.run:<10} {r.backend:<8} {r.files:>5} {r.bytes:>9,} "
-                     f"{r.mb_per_s:>8.1f}  {r.where}")
+        lines.append(
+            f"{r.run:<10} {r.backend:<8} {r.files:>5} {r.bytes:>9,} {r.mb_per_s:>8.1f}  {r.where}"
+        )
     return "\n".join(lines)
 
 
@@ -88,14 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     started = not ray.is_initialized()
     if started:
         # 127.0.0.2 keeps Ray on loopback (Ray rewrites 127.0.0.1 to the outward address).
-        ray.init(address="local", _node_ip_address="127.0.0.2", include_dashboard=False,
-                 log_to_driver=False, runtime_env={"working_dir": str(PIPELINE_DIR)})
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.2",
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"working_dir": str(PIPELINE_DIR)},
+        )
     try:
         rows = run_demo(host, runs=args.runs, by_value=args.by_value)
     finally:
         if started:
             ray.shutdown()
     print(format_table(rows))
-    print(f"\n{len(rows)} isolated runs exported under {host / 'artifacts'}; "
-          "the pipeline's own directory was not written to.")
+    print(
+        f"\n{len(rows)} isolated runs exported under {host / 'artifacts'}; "
+        "the pipeline's own directory was not written to."
+    )
     return 0

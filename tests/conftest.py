@@ -1,0 +1,110 @@
+"""Shared fixtures: one real local Ray at a time, bound to loopback, with a project working_dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+import raysync.demo
+
+NODE_IP = "127.0.0.2"  # Ray rewrites 127.0.0.1 to the outward address; 127.0.0.2 stays local
+
+_current_env: dict[str, Any] | None = None
+
+
+def ensure_ray(runtime_env: dict[str, Any] | None) -> None:
+    """Start a local Ray with ``runtime_env``, restarting it if another one is running."""
+    global _current_env
+    if ray.is_initialized() and _current_env == runtime_env:
+        return
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        address="local",
+        _node_ip_address=NODE_IP,
+        include_dashboard=False,
+        num_cpus=8,  # logical slots: the tasks here sleep or do little I/O
+        runtime_env=runtime_env,
+        configure_logging=False,
+    )
+    _current_env = runtime_env
+
+
+def stop_ray() -> None:
+    global _current_env
+    if ray.is_initialized():
+        ray.shutdown()
+    _current_env = None
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The driver's project directory, shipped to workers as the runtime_env working_dir."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("Makefile", "pipeline.py"):
+        shutil.copy(Path(raysync.demo.PIPELINE_DIR) / name, root / name)
+    (root / "inputs").mkdir()
+    (root / "inputs" / "config.txt").write_text("threshold=3\n")
+    (root / "helper.py").write_text("def double(x):\n    return 2 * x\n")
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ray_at_end() -> Iterator[None]:
+    yield
+    stop_ray()
+
+
+@pytest.fixture
+def ray_wd(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Ray running with ``project`` as working_dir; the test's driver cwd is ``project``."""
+    monkeypatch.chdir(project)
+    ensure_ray({"working_dir": str(project), "excludes": ["artifacts/", "out/"]})
+    return project
+
+
+@pytest.fixture
+def host(ray_wd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh driver cwd for tests that export relative paths (Ray keeps ``project``)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and mtime: to prove nothing was written."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Relative path → contents of every regular file under ``root``."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def shared_pkg_dir() -> Path:
+    """The shared unpacked working_dir, as an undecorated task sees it (its cwd).
+
+    Defined inside a function so that Ray pickles it by value: workers cannot import test
+    modules by name.
+    """
+
+    @ray.remote
+    def cwd() -> str:
+        return os.getcwd()
+
+    return Path(ray.get(cwd.remote()))
