@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from raysync.errors import IntegrityError, TreeError, UnsafePathError
+from raysync.errors import ConfigError, IntegrityError, TreeError, UnsafePathError
 
 FORMAT = "raysync.manifest"
 VERSION = 1
@@ -126,7 +126,7 @@ def check_tree_name(tree: str) -> str:
     try:
         return check_relpath(tree.rstrip("/") if tree != "/" else "")
     except UnsafePathError as e:
-        raise TreeError(
+        raise ConfigError(
             f"tree {tree!r} must be a relative path inside the workspace",
             hint="use names such as 'export', 'data' or 'artifacts'",
         ) from e
@@ -228,5 +228,5 @@ def tree_names(trees: Iterable[str]) -> list[str]:
     for a in names:
         for b in names:
             if a != b and b.startswith(a + "/"):
-                raise TreeError(f"trees {a!r} and {b!r} overlap", hint="list each tree once")
+                raise ConfigError(f"trees {a!r} and {b!r} overlap", hint="list each tree once")
     return names

@@ -47,9 +47,14 @@ def template_fields(template: str) -> list[str]:
     except ValueError as e:
         raise TemplateError(f"malformed template: {e}", template=template) from e
     names = []
-    for _, name, _, _ in parsed:
+    for _, name, _, conversion in parsed:
         if name is None:
             continue
+        if conversion not in (None, "r", "s", "a"):
+            raise TemplateError(
+                f"field {{{name}!{conversion}}} has an unknown conversion; use !s, !r or !a",
+                template=template,
+            )
         top = re.split(r"[.\[]", name, maxsplit=1)[0]
         if not top or top.isdigit():
             raise TemplateError(
@@ -72,28 +77,34 @@ def static_prefix(template: str) -> str:
 
 def render(template: str, values: Mapping[str, Any], *, available: Iterable[str]) -> str:
     """Fill a template; every value must be a safe path segment sequence (no ``..``)."""
-    missing = [f for f in template_fields(template) if f not in values]
+    used = template_fields(template)
+    missing = [f for f in used if f not in values]
     if missing:
         raise TemplateError(
             f"template field {{{missing[0]}}} has no value in this call",
             template=template,
             available=available,
         )
-    safe: dict[str, Any] = {}
-    for key, value in values.items():
-        text = str(value)
+    fmt = string.Formatter()
+    out: list[str] = []
+    for literal, name, spec, conversion in fmt.parse(template):
+        out.append(literal)
+        if name is None:
+            continue
+        try:
+            obj, _ = fmt.get_field(name, (), values)
+            text = fmt.format_field(fmt.convert_field(obj, conversion), spec or "")
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            raise TemplateError(f"cannot render field {{{name}}}: {e}", template=template) from e
         parts = text.replace("\\", "/").split("/")
-        if text.startswith("/") or ".." in parts or "\x00" in text:
+        if not text or text.startswith("/") or ".." in parts or "\x00" in text:
             raise TemplateError(
-                f"value {text!r} of field {{{key}}} would move the destination "
-                "outside its template (absolute path, '..' or NUL)",
+                f"value {text!r} of field {{{name}}} would move the destination "
+                "outside its template (empty, absolute path, '..' or NUL)",
                 template=template,
             )
-        safe[key] = value
-    try:
-        return template.format_map(safe)
-    except (AttributeError, IndexError, KeyError, ValueError) as e:
-        raise TemplateError(f"cannot render template: {e}", template=template) from e
+        out.append(text)
+    return "".join(out)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -15,13 +16,15 @@ import raysync.demo
 
 NODE_IP = "127.0.0.2"  # Ray rewrites 127.0.0.1 to the outward address; 127.0.0.2 stays local
 
-_current_env: dict[str, Any] | None = None
+# pytest imports this file as ``conftest`` and the tests import it as ``tests.conftest``: two
+# module objects. The running cluster's runtime_env is kept where both see it.
+_STATE_VAR = "RAYSYNC_TESTS_RAY_ENV"
 
 
 def ensure_ray(runtime_env: dict[str, Any] | None) -> None:
     """Start a local Ray with ``runtime_env``, restarting it if another one is running."""
-    global _current_env
-    if ray.is_initialized() and _current_env == runtime_env:
+    wanted = json.dumps(runtime_env, sort_keys=True)
+    if ray.is_initialized() and os.environ.get(_STATE_VAR) == wanted:
         return
     if ray.is_initialized():
         ray.shutdown()
@@ -33,14 +36,13 @@ def ensure_ray(runtime_env: dict[str, Any] | None) -> None:
         runtime_env=runtime_env,
         configure_logging=False,
     )
-    _current_env = runtime_env
+    os.environ[_STATE_VAR] = wanted
 
 
 def stop_ray() -> None:
-    global _current_env
     if ray.is_initialized():
         ray.shutdown()
-    _current_env = None
+    os.environ.pop(_STATE_VAR, None)
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +55,14 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "inputs" / "config.txt").write_text("threshold=3\n")
     (root / "helper.py").write_text("def double(x):\n    return 2 * x\n")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _pickle_test_module_by_value(request: pytest.FixtureRequest) -> None:
+    """Workers cannot import test modules by name; ship their classes and functions by value."""
+    module = request.module
+    if module.__name__ not in ray.cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES:
+        ray.cloudpickle.register_pickle_by_value(module)
 
 
 @pytest.fixture(scope="session", autouse=True)

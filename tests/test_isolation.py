@@ -103,8 +103,13 @@ def test_env_vars_set_during_call_and_restored_after_it_and_after_errors(ray_wd:
             inner(True)
         except KeyError:
             pass
-        return {"cwd0": cwd0, "env0": env0, "ok": ok, "after_ok": after_ok,
-                "after_err": (os.getcwd(), dict(os.environ))}
+        return {
+            "cwd0": cwd0,
+            "env0": env0,
+            "ok": ok,
+            "after_ok": after_ok,
+            "after_err": (os.getcwd(), dict(os.environ)),
+        }
 
     r = ray.get(outer.remote())
     ok = r["ok"]

@@ -1,0 +1,7 @@
+"""``python -m raysync``: the raysync command."""
+
+import sys
+
+from raysync.cli import main
+
+sys.exit(main())

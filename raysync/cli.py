@@ -1,0 +1,93 @@
+"""The ``raysync`` command (also ``python -m raysync``).
+
+Exit codes: 0 success, 1 a check failed (e.g. ``verify`` found bad files), 2 usage or
+configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from raysync.errors import IntegrityError, RaySyncError
+from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
+from raysync.registry import get_registry
+from raysync.target import split_scheme
+
+
+def _backends(args: argparse.Namespace) -> int:
+    rows = [
+        {
+            "name": i.backend.name,
+            "schemes": list(i.backend.schemes),
+            "default": bool(i.backend.default),
+            "source": i.source,
+            "version": i.version,
+            "capabilities": i.backend.capabilities.names(),
+        }
+        for i in get_registry().backends()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        schemes = ", ".join(s + "://" for s in r["schemes"]) + (
+            " (default)" if r["default"] else ""
+        )
+        print(
+            f"{r['name']:<10} {schemes:<28} {r['source']} {r['version']:<8} "
+            f"{', '.join(r['capabilities'])}"
+        )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    scheme, path = split_scheme(args.uri)
+    if scheme != "file":
+        print(
+            f"raysync verify: only local runs can be verified yet, not {scheme}://", file=sys.stderr
+        )
+        return 2
+    run = Path(path)
+    try:
+        manifest = Manifest.from_bytes((run / MANIFEST_NAME).read_bytes(), uri=args.uri)
+    except FileNotFoundError:
+        print(f"raysync verify: no committed run at {run} (no {MANIFEST_NAME})", file=sys.stderr)
+        return 1
+    try:
+        verify_files(manifest, run, uri=args.uri)
+    except IntegrityError as e:
+        print(f"FAILED {args.uri}: {len(e.bad)} bad file(s)")
+        for bad in e.bad:
+            print(f"  {bad}")
+        return 1
+    print(f"OK {args.uri}: {len(manifest.files)} files, {manifest.total_bytes} bytes verified")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from raysync.demo import main as demo_main
+
+    return demo_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raysync", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("backends", help="list installed export backends")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_backends)
+    p = sub.add_parser("verify", help="re-hash a committed run against its manifest")
+    p.add_argument("uri", help="a local run directory or file:// URI")
+    p.set_defaults(func=_verify)
+    p = sub.add_parser("demo", help="run the demo pipeline on a local Ray")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except RaySyncError as e:
+        print(f"raysync: {e}", file=sys.stderr)
+        return 2

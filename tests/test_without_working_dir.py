@@ -1,0 +1,52 @@
+"""No runtime_env working_dir: tasks start in the driver's cwd; raysync still isolates them,
+warns once per worker process and never writes output trees into the host project."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import ray
+
+from raysync import isolated_export
+from tests.conftest import ensure_ray, snapshot
+
+
+def test_calls_without_working_dir_are_isolated_and_warn_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "host-project"
+    project.mkdir()
+    (project / "input.txt").write_text("from the host")
+    monkeypatch.chdir(project)
+    ensure_ray(None)
+    before = snapshot(project)
+
+    @isolated_export(None)
+    def inner(i: int) -> tuple[str, str]:
+        Path(f"export/out-{i}.txt").write_text(str(i))
+        return os.getcwd(), Path("input.txt").read_text()
+
+    @ray.remote
+    def outer() -> dict[str, object]:
+        start = os.getcwd()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = [inner(i) for i in range(2)]
+        return {
+            "start": start,
+            "cwds": [r.value[0] for r in results],
+            "inputs": [r.value[1] for r in results],
+            "files": [[f.path for f in r.manifest.files] for r in results],
+            "warnings": [str(w.message) for w in caught if "working_dir" in str(w.message)],
+        }
+
+    r = ray.get(outer.remote())
+    assert r["start"] == str(project)  # what Ray does without a working_dir
+    assert all(c != str(project) for c in r["cwds"]) and r["cwds"][0] != r["cwds"][1]
+    assert r["inputs"] == ["from the host", "from the host"]  # the project is visible
+    assert r["files"] == [["export/out-0.txt"], ["export/out-1.txt"]]
+    assert len(r["warnings"]) == 1 and "runtime_env" in r["warnings"][0]
+    assert snapshot(project) == before  # no output tree was written into the host project
