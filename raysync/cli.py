@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from raysync.errors import IntegrityError, RaySyncError
 from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
@@ -18,7 +19,7 @@ from raysync.target import split_scheme
 
 
 def _backends(args: argparse.Namespace) -> int:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": i.backend.name,
             "schemes": list(i.backend.schemes),
