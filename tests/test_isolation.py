@@ -137,3 +137,17 @@ def test_workspace_is_removed_after_commit_and_kept_on_request(ray_wd: Path, hos
     assert ray.get(probe.remote(False))[1] is False
     ws, exists = ray.get(probe.remote(True))
     assert exists and (Path(ws) / "export" / "x").read_text() == "x"
+
+
+def test_builtin_template_fields_name_the_task_and_attempt(ray_wd: Path, host: Path) -> None:
+    @ray.remote
+    @isolated_export("ids/{job_id}/{node_id}/{task_id}-{attempt}")
+    def f() -> None:
+        Path("export/x").write_text("x")
+
+    r = ray.get(f.remote())
+    run = r.manifest.run
+    expected = host / "ids" / run["job_id"] / run["node_id"] / f"{run['task_id']}-0"
+    assert r.uri == f"file://{expected}"
+    assert (expected / "export" / "x").read_text() == "x"
+    assert run["node_id"] == ray.get_runtime_context().get_node_id()  # one node here
