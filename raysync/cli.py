@@ -14,7 +14,7 @@ from typing import Any
 
 from raysync.errors import IntegrityError, RaySyncError
 from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
-from raysync.registry import get_registry
+from raysync.registry import get_registry, scheme_label
 from raysync.target import split_scheme
 
 
@@ -23,6 +23,7 @@ def _backends(args: argparse.Namespace) -> int:
         {
             "name": i.backend.name,
             "schemes": list(i.backend.schemes),
+            "schemes_label": scheme_label(i.backend),
             "default": bool(i.backend.default),
             "source": i.source,
             "version": i.version,
@@ -34,13 +35,9 @@ def _backends(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     for r in rows:
-        schemes = ", ".join(s + "://" for s in r["schemes"]) + (
-            " (default)" if r["default"] else ""
-        )
-        print(
-            f"{r['name']:<10} {schemes:<28} {r['source']} {r['version']:<8} "
-            f"{', '.join(r['capabilities'])}"
-        )
+        schemes = r["schemes_label"] + (" (default)" if r["default"] else "")
+        print(f"{r['name']:<8} {r['source']} {r['version']:<8} {schemes}")
+        print(f"{'':<8} capabilities: {', '.join(r['capabilities']) or 'none'}")
     return 0
 
 

@@ -12,7 +12,8 @@ from raysync.manifest import FileEntry
 CHUNK = 1 << 20
 
 
-def _changed(entry: FileEntry, seen: int) -> TreeError:
+def changed_error(entry: FileEntry, seen: int) -> TreeError:
+    """The error for a file whose size changed between the scan and the copy."""
     return TreeError(
         f"{entry.path!r} changed size while it was exported ({entry.size} bytes when scanned, "
         f"{seen} read)",
@@ -42,7 +43,7 @@ def copy_and_hash(entry: FileEntry, dst: Path) -> None:
             out.write(chunk)
             seen += n
     if seen != entry.size:
-        raise _changed(entry, seen)
+        raise changed_error(entry, seen)
     os.chmod(dst, entry.mode)
     entry.sha256 = h.hexdigest()
 
@@ -59,7 +60,7 @@ def read_and_hash(entry: FileEntry, into: memoryview) -> None:
             seen += n
         extra = src.read(1)
     if seen != entry.size or extra:
-        raise _changed(entry, seen + len(extra))
+        raise changed_error(entry, seen + len(extra))
     entry.sha256 = hashlib.sha256(into).hexdigest()
 
 

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -285,7 +286,9 @@ def _begin(
 ) -> _Call:
     """Render the URI and look up the driver's facts; fails before the user's code runs."""
     ctx = ray.get_runtime_context() if ray.is_initialized() else None
-    task_id = (ctx.get_task_id() if ctx else None) or "driver"
+    # A direct call (not a Ray task) has no task id; a unique one keeps two direct calls from
+    # being taken for two attempts of one task (which may replace each other's runs).
+    task_id = (ctx.get_task_id() if ctx else None) or f"direct-{uuid.uuid4().hex}"
     node_id = (ctx.get_node_id() if ctx else None) or "local"
     job_id = (ctx.get_job_id() if ctx else None) or "local"
     attempt = _attempt()

@@ -88,6 +88,19 @@ class BackendConflictError(ConfigError):
         )
 
 
+class MissingDependencyError(ConfigError):
+    """A backend needs an optional package that is not installed."""
+
+    def __init__(self, what: str, *, extra: str | None = None, package: str | None = None) -> None:
+        if extra:
+            hint = f"pip install 'raysync[{extra}]'"
+        elif package:
+            hint = f"pip install {package}"
+        else:
+            hint = "install the package that implements this protocol"
+        super().__init__(f"{what} needs an optional dependency that is not installed", hint=hint)
+
+
 class PluginError(RaySyncError):
     """A plugin module is broken (import error, bad hook signature, invalid backend)."""
 

@@ -88,6 +88,10 @@ class ExportBackend(Protocol):
     #: What the backend can do; the core and ``raysync backends`` read it.
     capabilities: Capabilities
 
+    # Optional: ``accepts_scheme(scheme) -> bool`` makes the backend a *fallback* that serves
+    # schemes no backend claims in ``schemes`` (the fsspec backend serves every fsspec
+    # protocol this way); ``accepts_description`` says which, for listings.
+
     def check(self, target: Target) -> None:
         """Validate a target on the driver at decoration time, without I/O.
 

@@ -53,6 +53,8 @@ class Registry:
         self._by_name: dict[str, BackendInfo] = {}
         self._by_scheme: dict[str, BackendInfo] = {}
         self._default: BackendInfo | None = None
+        # Backends with an ``accepts_scheme(scheme)`` method serve schemes no backend claims.
+        self._fallbacks: list[BackendInfo] = []
         self._lock = threading.RLock()
         if load_entry_points:
             self._load_entry_points()
@@ -145,11 +147,17 @@ class Registry:
                 table[key] = info
             if backend.default:
                 self._default = info
+            if callable(getattr(backend, "accepts_scheme", None)):
+                self._fallbacks = [f for f in self._fallbacks if f.backend.name != backend.name]
+                self._fallbacks.append(info)
 
     # -- lookups -------------------------------------------------------------------------
     def for_scheme(self, scheme: str) -> ExportBackend:
         info = self._by_scheme.get(scheme.lower())
         if info is None:
+            for fb in self._fallbacks:
+                if fb.backend.accepts_scheme(scheme.lower()):  # type: ignore[attr-defined]
+                    return fb.backend
             raise BackendNotFoundError(f"scheme {scheme + '://'!r}", installed=self._labels())
         return info.backend
 
@@ -170,10 +178,16 @@ class Registry:
         return sorted(self._by_name.values(), key=lambda i: i.backend.name)
 
     def _labels(self) -> list[str]:
-        return [
-            f"{i.backend.name} ({', '.join(s + '://' for s in i.backend.schemes)})"
-            for i in self.backends()
-        ]
+        return [f"{i.backend.name} ({scheme_label(i.backend)})" for i in self.backends()]
+
+
+def scheme_label(backend: ExportBackend) -> str:
+    """``file://`` or, for a fallback backend, ``memory://, ... + any it accepts``."""
+    label = ", ".join(s + "://" for s in backend.schemes)
+    if callable(getattr(backend, "accepts_scheme", None)):
+        extra = getattr(backend, "accepts_description", "other schemes")
+        label = f"{label}, {extra}" if label else extra
+    return label
 
 
 def _describe(info: BackendInfo) -> str:

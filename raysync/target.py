@@ -119,7 +119,8 @@ class Target:
 
     uri: str
     scheme: str
-    options: Mapping[str, Any] = field(default_factory=dict)
+    # Options may hold credentials: never in a repr (DESIGN invariant 5).
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     base_dir: str | None = None
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,57 @@ def host(ray_wd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh driver cwd for tests that export relative paths (Ray keeps ``project``)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A real S3 HTTP API (moto server) on a random loopback port, stopped at the end."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def fault_proxy(moto_endpoint: str) -> Iterator[Any]:
+    """The fault-injecting proxy in front of moto (see faultproxy.py)."""
+    from tests.faultproxy import FaultProxy
+
+    with FaultProxy(moto_endpoint) as proxy:
+        yield proxy
+
+
+def s3_options(endpoint: str, **extra: Any) -> dict[str, Any]:
+    """storage_options for s3fs against a test endpoint (moto accepts any credentials)."""
+    return {
+        "key": "testing-key-id",
+        "secret": "testing-secret",
+        "skip_instance_cache": True,
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        **extra,
+    }
+
+
+@pytest.fixture
+def bucket(moto_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket per test."""
+    import boto3
+
+    name = "b-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    name += "-" + uuid.uuid4().hex[:8]
+    boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=name)
+    return name
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,453 @@
+"""fsspec-blob backend: any fsspec protocol no other backend claims (``s3://``, ``gs://``,
+``az://``, ``memory://``...), with parallel uploads, retries and a manifest-last commit.
+
+Commit protocol (docs/backends.md):
+
+1. a lock object ``<run>/.raysync-lock`` is created with an exclusive write (S3
+   ``If-None-Match: *``) so that two different calls cannot write the same run at once; an
+   earlier attempt of the same Ray task may take its lock over;
+2. the data objects are uploaded in parallel, each hashed from the bytes sent;
+3. the manifest ``<run>/raysync-manifest.json`` is written last: a prefix without it is
+   incomplete, and every raysync reader treats it so;
+4. objects under the run that the manifest does not list (left by a dead attempt) and the lock
+   are deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import raysync
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest
+from raysync.copy import CHUNK, changed_error, read_and_hash
+from raysync.errors import (
+    ConfigError,
+    ExportError,
+    IntegrityError,
+    MaterializeError,
+    MissingDependencyError,
+    RaySyncError,
+    RunExistsError,
+)
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest
+from raysync.result import ExportResult, place_files
+from raysync.target import Target, redact
+
+log = logging.getLogger("raysync.blob")
+
+LOCK_NAME = ".raysync-lock"
+#: Protocols whose optional package is one of raysync's extras.
+EXTRAS = {"s3": "s3", "s3a": "s3"}
+#: Protocols where an exclusive create is known to be enforced by the store.
+CONDITIONAL = {"s3", "s3a", "memory"}
+#: fsspec protocols that are not storage a run can be written to.
+NOT_STORAGE = {
+    "file",
+    "local",
+    "return",
+    "http",
+    "https",
+    "data",
+    "reference",
+    "cached",
+    "blockcache",
+    "filecache",
+    "simplecache",
+    "zip",
+    "tar",
+    "libarchive",
+    "dir",
+    "generic",
+    "async_wrapper",
+    "asyncwrapper",
+    "asynclocal",
+    "github",
+    "git",
+    "gist",
+}
+
+
+def put(fs: Any, path: str, data: bytes, *, create: bool) -> None:
+    """Write one small object; ``create`` asks the store to refuse an existing one."""
+    if create:
+        fs.pipe_file(path, data, mode="create")
+    else:
+        fs.pipe_file(path, data)
+
+
+@dataclass(frozen=True)
+class Options:
+    """raysync's own upload options (``upload_*`` in storage_options); every other
+    storage_option goes to the fsspec filesystem unchanged."""
+
+    upload_concurrency: int = 16
+    upload_bytes_in_flight: int = 256 * 1024 * 1024
+    upload_part_size: int = 8 * 1024 * 1024
+    upload_retries: int = 6
+    upload_retry_base_delay: float = 0.2
+    upload_retry_max_delay: float = 10.0
+
+    @classmethod
+    def split(cls, options: Mapping[str, Any]) -> tuple[Options, dict[str, Any]]:
+        ours = {k: options[k] for k in cls.__dataclass_fields__ if k in options}
+        rest = {k: v for k, v in options.items() if k not in ours}
+        unknown = [k for k in rest if k.startswith("upload_")]
+        if unknown:
+            raise ConfigError(
+                f"unknown storage_options {unknown}; raysync's upload options "
+                f"are {sorted(cls.__dataclass_fields__)}"
+            )
+        for k, v in ours.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise ConfigError(
+                    f"storage_options[{k!r}] must be a non-negative number, not {v!r}"
+                )
+        opts = cls(**ours)
+        if opts.upload_concurrency < 1 or opts.upload_part_size < 5 * 1024 * 1024:
+            raise ConfigError(
+                "upload_concurrency must be ≥ 1 and upload_part_size ≥ 5 MiB "
+                "(S3's smallest multipart part)"
+            )
+        return opts, rest
+
+
+class ByteBudget:
+    """Bounds the bytes held in memory by uploads in flight (back-pressure, not a queue)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit, self._used = limit, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> int:
+        n = min(n, self._limit)  # one item larger than the budget still runs, alone
+        with self._cond:
+            self._cond.wait_for(lambda: self._used + n <= self._limit)
+            self._used += n
+        return n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+
+@dataclass
+class Location:
+    """Where a committed run lives, for reading it back (``ExportResult.payload``).
+
+    It carries the storage_options, which may hold credentials: they are kept out of its repr.
+    """
+
+    uri: str
+    options: dict[str, Any] = field(repr=False)
+
+
+_PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ValueError,
+    TypeError,
+    NotImplementedError,
+    RaySyncError,
+)
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth retrying: 5xx, throttling, resets and timeouts; not missing buckets or denials."""
+    if isinstance(e, _PERMANENT):
+        return False
+    return not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS))
+
+
+def with_retries(what: str, fn: Callable[[], Any], opts: Options) -> Any:
+    """Call ``fn`` with exponential backoff and full jitter on transient errors."""
+    for attempt in range(opts.upload_retries + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e) or attempt == opts.upload_retries:
+                raise
+            cap = min(opts.upload_retry_max_delay, opts.upload_retry_base_delay * 2**attempt)
+            delay = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
+            log.info(
+                "raysync: %s failed (%s: %s); retry %d of %d in %.2fs",
+                what,
+                type(e).__name__,
+                e,
+                attempt + 1,
+                opts.upload_retries,
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class BlobBackend:
+    """Exports to any fsspec filesystem."""
+
+    name = "fsspec"
+    schemes = ("memory",)
+    default = False
+    capabilities = Capabilities(conditional_put=True, multipart=True, read_back=True)
+    accepts_description = "any other fsspec protocol (s3://, gs://, az://, ...)"
+
+    def accepts_scheme(self, scheme: str) -> bool:
+        import fsspec
+
+        return scheme not in NOT_STORAGE and scheme in fsspec.available_protocols()
+
+    def check(self, target: Target) -> None:
+        Options.split(target.options)
+        self._fs_class(target.scheme)
+        if not target.path.strip("/"):
+            raise ConfigError(
+                f"{target.scheme}:// needs a bucket and a path",
+                hint=f"e.g. {target.scheme}://bucket/runs/{{run_id}}",
+            )
+
+    @staticmethod
+    def _fs_class(scheme: str) -> type:
+        import fsspec
+
+        try:
+            cls: type = fsspec.get_filesystem_class(scheme)
+        except ImportError as e:
+            package = str(e).split("'")[1] if "'" in str(e) else None
+            raise MissingDependencyError(
+                f"{scheme}://", extra=EXTRAS.get(scheme), package=package
+            ) from e
+        except ValueError as e:
+            raise ConfigError(f"fsspec does not know the protocol {scheme}://") from e
+        return cls
+
+    def prepare(self, target: Target) -> Mapping[str, str]:
+        return {}
+
+    @staticmethod
+    def _open(uri: str, options: Mapping[str, Any]) -> tuple[Any, str, Options]:
+        import fsspec
+
+        opts, fs_options = Options.split(options)
+        fs, path = fsspec.core.url_to_fs(uri, **fs_options)
+        return fs, path.rstrip("/"), opts
+
+    # -- export ----------------------------------------------------------------------------
+    def export(self, request: ExportRequest) -> ExportOutcome:
+        uri = request.target.uri
+        fs, run, opts = self._open(uri, request.target.options)
+        shown = redact(uri)
+        conditional = request.target.scheme in CONDITIONAL
+        replace = self._claim(fs, run, request, opts, conditional=conditional, shown=shown)
+        self._upload_all(fs, run, request, opts, shown)
+        data = request.manifest.to_bytes()
+        manifest_path = f"{run}/{MANIFEST_NAME}"
+        try:
+            with_retries(
+                "writing the manifest",
+                lambda: put(fs, manifest_path, data, create=conditional and not replace),
+                opts,
+            )
+        except FileExistsError as e:
+            raise RunExistsError(
+                "another call committed this run first",
+                uri=shown,
+                hint="give each call its own output_uri (e.g. add {task_id})",
+            ) from e
+        self._clean(fs, run, request.manifest, opts)
+        return ExportOutcome(uri=uri, payload=Location(uri, dict(request.target.options)))
+
+    def _claim(
+        self,
+        fs: Any,
+        run: str,
+        request: ExportRequest,
+        opts: Options,
+        *,
+        conditional: bool,
+        shown: str,
+    ) -> bool:
+        """Check the conflict policy and take the run's lock; True when replacing a run."""
+        existing = self._read_manifest(fs, run, shown, opts)
+        replace = False
+        if existing is not None:
+            if existing.run.get("task_id") == request.task_id or request.conflict == "overwrite":
+                replace = True
+            else:
+                raise RunExistsError(
+                    "a committed run already exists here",
+                    uri=shown,
+                    hint="use another output_uri (e.g. add {task_id}) or conflict='overwrite'",
+                )
+        lock = json.dumps(
+            {"task_id": request.task_id, "attempt": request.manifest.run.get("attempt")}
+        ).encode()
+        lock_path = f"{run}/{LOCK_NAME}"
+        try:
+            with_retries(
+                "taking the run lock", lambda: put(fs, lock_path, lock, create=conditional), opts
+            )
+        except FileExistsError:
+            holder = json.loads(fs.cat_file(lock_path) or b"{}")
+            if holder.get("task_id") != request.task_id and request.conflict != "overwrite":
+                raise RunExistsError(
+                    f"another call (task {holder.get('task_id')}) is writing this run",
+                    uri=shown,
+                    hint="give each call its own output_uri (e.g. add {task_id}); if that call "
+                    f"died, delete {LOCK_NAME} under the run or use conflict='overwrite'",
+                ) from None
+            fs.pipe_file(lock_path, lock)  # an earlier attempt of this task died: take over
+        return replace
+
+    def _upload_all(
+        self, fs: Any, run: str, request: ExportRequest, opts: Options, shown: str
+    ) -> None:
+        budget = ByteBudget(opts.upload_bytes_in_flight)
+        failed: dict[str, BaseException] = {}
+        with ThreadPoolExecutor(
+            max_workers=opts.upload_concurrency, thread_name_prefix="raysync-upload"
+        ) as pool:
+            futures = {
+                pool.submit(self._upload_one, fs, f"{run}/{e.path}", e, opts, budget): e
+                for e in request.files
+            }
+            for fut in as_completed(futures):
+                exc = fut.exception()
+                if exc is not None:
+                    failed[futures[fut].path] = exc
+        if failed:
+            first = next(iter(failed.values()))
+            if len(failed) == 1 and isinstance(first, RaySyncError):
+                raise first
+            names = sorted(failed)
+            raise ExportError(
+                f"{len(failed)} of {len(request.files)} file(s) could not be uploaded after "
+                f"{opts.upload_retries} retries: {', '.join(names[:20])}"
+                + (" ..." if len(names) > 20 else "")
+                + f" (first error: {type(first).__name__}: {redact(str(first))[:300]})",
+                backend=self.name,
+                uri=shown,
+                workspace=str(request.workspace),
+                hint="check the endpoint, credentials and bucket; nothing was committed",
+            )
+
+    @staticmethod
+    def _upload_one(
+        fs: Any, dest: str, entry: FileEntry, opts: Options, budget: ByteBudget
+    ) -> None:
+        if entry.size <= opts.upload_part_size:
+            held = budget.acquire(entry.size)
+            try:
+                buf = bytearray(entry.size)
+                read_and_hash(entry, memoryview(buf))
+                with_retries(
+                    f"uploading {entry.path}", lambda: fs.pipe_file(dest, bytes(buf)), opts
+                )
+            finally:
+                budget.release(held)
+            return
+        # Large file: streamed in parts, hashed from the bytes sent; a retry starts over.
+        held = budget.acquire(2 * opts.upload_part_size)
+        try:
+
+            def stream() -> None:
+                assert entry.source is not None
+                h = hashlib.sha256()
+                seen = 0
+                with (
+                    open(entry.source, "rb") as src,
+                    fs.open(dest, "wb", block_size=opts.upload_part_size) as out,
+                ):
+                    for chunk in iter(lambda: src.read(CHUNK), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+                        seen += len(chunk)
+                if seen != entry.size:
+                    raise changed_error(entry, seen)
+                entry.sha256 = h.hexdigest()
+
+            with_retries(f"uploading {entry.path}", stream, opts)
+        finally:
+            budget.release(held)
+
+    @staticmethod
+    def _clean(fs: Any, run: str, manifest: Manifest, opts: Options) -> None:
+        keep = {f"{run}/{f.path}" for f in manifest.files} | {f"{run}/{MANIFEST_NAME}"}
+        try:
+            stale = [p for p in fs.find(run) if p.rstrip("/") not in keep]
+            if stale:
+                with_retries("removing stale objects", lambda: fs.rm(stale), opts)
+        except Exception as e:  # noqa: BLE001 - the run is committed; leftovers are harmless
+            log.warning("raysync: could not remove stale objects under the run: %s", e)
+
+    @staticmethod
+    def _read_manifest(fs: Any, run: str, shown: str, opts: Options) -> Manifest | None:
+        try:
+            data = with_retries(
+                "reading the manifest", lambda: fs.cat_file(f"{run}/{MANIFEST_NAME}"), opts
+            )
+        except FileNotFoundError:
+            return None
+        return Manifest.from_bytes(data, uri=shown)
+
+    # -- read back ---------------------------------------------------------------------------
+    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+        loc = result.payload
+        if not isinstance(loc, Location):
+            raise MaterializeError("this result does not say where its run is stored")
+        fs, run, opts = self._open(loc.uri, loc.options)
+        shown = redact(loc.uri)
+        committed = self._read_manifest(fs, run, shown, opts)
+        if committed is None:
+            raise MaterializeError(f"{shown} has no manifest: the run is incomplete or gone")
+        if committed.run.get("task_id") != result.manifest.run.get("task_id"):
+            raise IntegrityError(
+                "the run at this URI was replaced by another call", uri=shown, bad=[MANIFEST_NAME]
+            )
+
+        small = [f for f in committed.files if f.size <= opts.upload_part_size]
+        position = {f.path: i for i, f in enumerate(small)}
+        fetched: dict[str, bytes] = {}
+
+        def fetch_batch(start: int) -> None:
+            # Small files are fetched many at a time (fs.cat runs the GETs concurrently),
+            # at most upload_bytes_in_flight bytes per batch.
+            batch: list[str] = []
+            size = 0
+            for f in small[start:]:
+                if batch and size + f.size > opts.upload_bytes_in_flight:
+                    break
+                batch.append(f"{run}/{f.path}")
+                size += f.size
+            got = with_retries("downloading files", lambda: fs.cat(batch), opts)
+            fetched.clear()
+            fetched.update({p.removeprefix(run + "/"): data for p, data in got.items()})
+
+        def read(entry: FileEntry) -> Iterator[bytes]:
+            if entry.path in position:
+                if entry.path not in fetched:
+                    fetch_batch(position[entry.path])
+                yield fetched.pop(entry.path)
+                return
+            with fs.open(f"{run}/{entry.path}", "rb", block_size=opts.upload_part_size) as f:
+                yield from iter(lambda: f.read(CHUNK), b"")
+
+        place_files(dest, committed.files, read, uri=shown, overwrite=overwrite)
+
+
+@raysync.hookimpl
+def raysync_register_backends(register: raysync.RegisterBackend) -> None:
+    register(BlobBackend())
