@@ -149,6 +149,11 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+def kept_workspace(error_text: str) -> Path:
+    """The workspace an error message says the artifacts are kept in."""
+    return Path(error_text.split("the artifacts are kept in ", 1)[1].split()[0])
+
+
 def files_under(root: Path) -> dict[str, bytes]:
     """Relative path → contents of every regular file under ``root``."""
     return {

@@ -20,7 +20,7 @@ from raysync.errors import (
     TreeError,
 )
 from raysync.manifest import MANIFEST_NAME
-from tests.conftest import files_under
+from tests.conftest import files_under, kept_workspace
 
 # -- at decoration, on the driver (no Ray needed) -------------------------------------------
 
@@ -112,7 +112,7 @@ def test_return_by_value_over_its_limit_suggests_another_backend_and_keeps_files
     text = str(info.value)
     assert "5,000 bytes" in text and "1,000 bytes" in text
     assert "s3://" in text  # suggests an object store or a path
-    kept = Path(text.split("the artifacts are kept in ", 1)[1].split()[0])
+    kept = kept_workspace(text)
     assert (kept / "data" / "big.bin").stat().st_size == 5000
 
 
@@ -172,7 +172,7 @@ def test_destination_the_worker_cannot_prove_is_refused_not_created(
     with pytest.raises(DestinationNotVisibleError, match="is not visible on this node") as info:
         ray.get(f.remote(1))
     assert not (host / "proof" / "1").exists()
-    kept = Path(str(info.value).split("the artifacts are kept in ", 1)[1].split()[0])
+    kept = kept_workspace(str(info.value))
     assert (kept / "export" / "x.txt").read_text() == "x"
 
 

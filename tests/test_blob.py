@@ -18,7 +18,7 @@ import ray
 from raysync import isolated_export
 from raysync.errors import ExportError, MissingDependencyError, RunExistsError
 from raysync.manifest import MANIFEST_NAME, Manifest
-from tests.conftest import files_under, s3_options
+from tests.conftest import files_under, kept_workspace, s3_options
 
 # Our retries, fast, with botocore's own retries off so that ours are what is tested.
 FAST_RETRY = {
@@ -136,7 +136,7 @@ def test_persistent_failure_names_the_files_commits_nothing_and_keeps_artifacts(
     assert "data/doomed-1.bin" in text and "data/doomed-2.bin" in text
     fs = s3fs_for(moto_endpoint)
     assert not fs.exists(f"{bucket}/broken/b1/{MANIFEST_NAME}")  # nothing committed
-    kept = Path(text.split("the artifacts are kept in ", 1)[1].split()[0])
+    kept = kept_workspace(text)
     assert (kept / "data" / "doomed-2.bin").read_bytes() == b"2"
 
 
