@@ -1,0 +1,44 @@
+"""The bench runs and its JSON report is well-formed (speed is not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_runs_small_and_large_shapes_and_reports_ratios() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raysync.bench",
+            "--files",
+            "30",
+            "--large-size",
+            "6",
+            "--large-files",
+            "1",
+            "--repeat",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    small, large = report["shapes"]["small"], report["shapes"]["large"]
+    assert small["files"] == 30 and small["bytes"] == 30 * 4096
+    assert large["files"] == 1 and large["bytes"] == 6 * 1024 * 1024
+    assert set(small["results"]) == {
+        "s3 PUT ceiling (boto3, 16 threads)",
+        "s3fs put(recursive=True)",
+        "raysync fsspec",
+    }
+    assert small["results"][small["baseline"]]["ratio_to_baseline"] == 1.0
+    for shape in (small, large):
+        for row in shape["results"].values():
+            assert row["median_s"] > 0 and row["files_per_s"] > 0 and row["mb_per_s"] > 0
