@@ -71,6 +71,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args.rest)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from raysync.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raysync", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run the demo pipeline on a local Ray")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_demo)
+    p = sub.add_parser("bench", help="the same as python -m raysync.bench")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
