@@ -92,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="the same as python -m raysync.bench")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
-    args = parser.parse_args(argv)
+    # demo and bench pass their options on; argparse's REMAINDER misses a leading --option.
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "rest"):
+        args.rest = extra + args.rest
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except RaySyncError as e:

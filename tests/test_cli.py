@@ -50,3 +50,9 @@ def test_verify_passes_on_a_committed_run_and_names_a_tampered_file(
     assert bad.returncode == 1 and "data/b.txt" in bad.stdout and "export/a.txt" not in bad.stdout
     missing = _raysync("verify", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "no committed run" in missing.stderr
+
+
+def test_bench_subcommand_passes_its_options_on() -> None:
+    proc = _raysync("bench", "--shape", "small", "--files", "5", "--repeat", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["shapes"]["small"]["files"] == 5
