@@ -207,13 +207,6 @@ def get_registry() -> Registry:
         return _registry
 
 
-def reset_registry(registry: Registry | None = None) -> None:
-    """Replace the process-wide registry (``None``: reload from entry points on next use)."""
-    global _registry
-    with _registry_lock:
-        _registry = registry
-
-
 def register_backend(backend: ExportBackend, *, override: bool = False) -> None:
     """Register a backend in this process, for tests and embedding.
 
