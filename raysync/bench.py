@@ -15,16 +15,21 @@ Each repetition writes to a fresh prefix, and the contenders take turns (A B C A
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
-import logging
 import os
 import platform
+import socket
+import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,23 +56,24 @@ def make_tree(root: Path, shape: str, files: int, large_size: int, large_files: 
 
 
 class S3Bench:
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, *, verify: bool = True) -> None:
         import boto3
         import s3fs
 
         self.endpoint = endpoint
+        client_kwargs: dict[str, Any] = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+        if not verify:
+            client_kwargs["verify"] = False
         self.options: dict[str, Any] = {
             "key": "bench",
             "secret": "bench",
-            "skip_instance_cache": True,
-            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            "client_kwargs": client_kwargs,
         }
         self.client = boto3.client(
             "s3",
-            endpoint_url=endpoint,
             aws_access_key_id="bench",
             aws_secret_access_key="bench",  # noqa: S106 - local test server
-            region_name="us-east-1",
+            **client_kwargs,
         )
         self.bucket = f"raysync-bench-{uuid.uuid4().hex[:8]}"
         self.client.create_bucket(Bucket=self.bucket)
@@ -131,82 +137,128 @@ def _time(fn: Callable[[Path], None], root: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    server = None
-    endpoint = args.endpoint
-    if endpoint is None:
+@contextlib.contextmanager
+def moto_server(*, tls: bool = True) -> Iterator[str]:
+    """A moto S3 server in its own process on a free 127.0.0.1 port, stopped at the end.
+
+    Its own process, so that its request handling does not compete with the contenders for
+    this process's GIL (as a real S3 endpoint would not). With ``tls`` it serves HTTPS with a
+    throw-away self-signed certificate, as S3 does: over plain HTTP botocore signs every
+    request body with SHA-256, work that real S3 traffic (HTTPS) does not pay.
+    """
+    if importlib.util.find_spec("moto") is None:
+        sys.exit(
+            "raysync bench: moto is not installed; pip install 'raysync[bench]' "
+            "or pass --endpoint URL of an S3 API"
+        )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        + (["--ssl"] if tls else []),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    unverified = ssl._create_unverified_context()  # noqa: S323 - our own loopback server
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(  # noqa: S310 - http(s) on loopback
+                    endpoint + "/moto-api/", timeout=2, context=unverified
+                ):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"raysync bench: the moto server did not start on {endpoint}"
+                    ) from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
         try:
-            from moto.server import ThreadedMotoServer
-        except ImportError:
-            sys.exit(
-                "raysync bench: moto is not installed; pip install 'raysync[bench]' "
-                "or pass --endpoint URL of an S3 API"
-            )
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        endpoint = args.endpoint or stack.enter_context(moto_server(tls=not args.no_tls))
+        return _run(args, endpoint, own_server=args.endpoint is None)
+
+
+def _run(args: argparse.Namespace, endpoint: str, *, own_server: bool) -> dict[str, Any]:
+    if own_server:
+        import urllib3
+
+        # Our own loopback server's throw-away certificate is not verified.
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     report: dict[str, Any] = {
         "machine": {
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
         },
-        "target": "moto server in-process on 127.0.0.1" if server else "given S3 endpoint",
+        "target": (
+            f"moto server (own process, {'HTTPS' if not args.no_tls else 'HTTP'}) on 127.0.0.1"
+            if own_server
+            else endpoint
+        ),
         "repeat": args.repeat,
         "shapes": {},
     }
-    try:
-        bench = S3Bench(endpoint)
-        shapes = ["small", "large"] if args.shape == "all" else [args.shape]
-        for shape in shapes:
-            contenders: dict[str, Callable[[Path], None]] = (
-                {
-                    "s3 PUT ceiling (boto3, 16 threads)": bench.put_ceiling,
-                    "s3fs put(recursive=True)": bench.s3fs_put,
-                    "raysync fsspec": bench.raysync,
-                }
-                if shape == "small"
-                else {
-                    "boto3 transfer manager": bench.transfer_manager,
-                    "raysync fsspec": bench.raysync,
-                }
-            )
-            with tempfile.TemporaryDirectory(prefix="raysync-bench-") as tmp:
-                root = Path(tmp)
-                make_tree(root, shape, args.files, args.large_size * MIB, args.large_files)
-                nfiles = sum(1 for p in root.rglob("*") if p.is_file())
-                nbytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-                times: dict[str, list[float]] = {name: [] for name in contenders}
-                for rep in range(args.repeat):
-                    for name, fn in contenders.items():
-                        times[name].append(_time(fn, root))
-                        if not args.json:
-                            print(
-                                f"  {shape}: {name} rep {rep + 1}/{args.repeat}: "
-                                f"{times[name][-1]:.2f}s",
-                                file=sys.stderr,
-                            )
-            baseline = next(iter(contenders))
-            rows = {}
-            for name, ts in times.items():
-                med = statistics.median(ts)
-                rows[name] = {
-                    "median_s": med,
-                    "files_per_s": nfiles / med,
-                    "mb_per_s": nbytes / 1e6 / med,
-                    "ratio_to_baseline": statistics.median(times[baseline]) / med,
-                }
-            report["shapes"][shape] = {
-                "files": nfiles,
-                "bytes": nbytes,
-                "baseline": baseline,
-                "results": rows,
+    bench = S3Bench(endpoint, verify=not own_server)
+    shapes = ["small", "large"] if args.shape == "all" else [args.shape]
+    for shape in shapes:
+        contenders: dict[str, Callable[[Path], None]] = (
+            {
+                "s3 PUT ceiling (boto3, 16 threads)": bench.put_ceiling,
+                "s3fs put(recursive=True)": bench.s3fs_put,
+                "raysync fsspec": bench.raysync,
             }
-    finally:
-        if server is not None:
-            server.stop()
+            if shape == "small"
+            else {
+                "boto3 transfer manager": bench.transfer_manager,
+                "raysync fsspec": bench.raysync,
+            }
+        )
+        with tempfile.TemporaryDirectory(prefix="raysync-bench-") as tmp:
+            root = Path(tmp)
+            make_tree(root, shape, args.files, args.large_size * MIB, args.large_files)
+            nfiles = sum(1 for p in root.rglob("*") if p.is_file())
+            nbytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+            times: dict[str, list[float]] = {name: [] for name in contenders}
+            for rep in range(args.repeat):
+                for name, fn in contenders.items():
+                    times[name].append(_time(fn, root))
+                    if not args.json:
+                        print(
+                            f"  {shape}: {name} rep {rep + 1}/{args.repeat}: "
+                            f"{times[name][-1]:.2f}s",
+                            file=sys.stderr,
+                        )
+        baseline = next(iter(contenders))
+        rows = {}
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rows[name] = {
+                "median_s": med,
+                "files_per_s": nfiles / med,
+                "mb_per_s": nbytes / 1e6 / med,
+                "ratio_to_baseline": statistics.median(times[baseline]) / med,
+            }
+        report["shapes"][shape] = {
+            "files": nfiles,
+            "bytes": nbytes,
+            "baseline": baseline,
+            "results": rows,
+        }
     return report
 
 
@@ -240,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-files", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--endpoint", help="S3 API URL (default: an in-process moto server)")
+    parser.add_argument(
+        "--no-tls", action="store_true", help="serve the moto server over plain HTTP"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     report = run(args)

@@ -27,7 +27,7 @@ class FaultProxy:
         self.fail_next = 0  # answer 503 to this many requests
         self.fail_until = 0.0  # answer 503 until this monotonic time
         self.drop_next = 0  # close the connection without answering, this many times
-        self.fail_matching: str | None = None  # with fail_always: 503 for paths containing it
+        self.fail_matching: str | None = None  # limits the faults to paths containing it
         self.fail_always = False
         self.log: list[tuple[str, str, int]] = []
         proxy = self
@@ -85,15 +85,17 @@ class FaultProxy:
 
     def _decide(self, path: str) -> str:
         with self.lock:
-            if self.drop_next > 0:
+            # With fail_matching set, the counted faults apply only to matching requests.
+            matches = self.fail_matching is None or self.fail_matching in path
+            if self.drop_next > 0 and matches:
                 self.drop_next -= 1
                 return "drop"
-            if self.fail_next > 0:
+            if self.fail_next > 0 and matches:
                 self.fail_next -= 1
                 return "503"
             if time.monotonic() < self.fail_until:
                 return "503"
-            if self.fail_always and self.fail_matching and self.fail_matching in path:
+            if self.fail_always and self.fail_matching and matches:
                 return "503"
         return "forward"
 

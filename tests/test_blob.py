@@ -20,7 +20,8 @@ from raysync.errors import ExportError, MissingDependencyError, RunExistsError
 from raysync.manifest import MANIFEST_NAME, Manifest
 from tests.conftest import files_under, kept_workspace, s3_options
 
-# Our retries, fast, with botocore's own retries off so that ours are what is tested.
+# Our retries, fast, with botocore's own retries off. (s3fs still retries SlowDown and
+# dropped connections itself, up to 5 times, below ours; it has no option to turn that off.)
 FAST_RETRY = {
     "upload_retry_base_delay": 0.01,
     "upload_retry_max_delay": 0.05,
@@ -138,6 +139,53 @@ def test_persistent_failure_names_the_files_commits_nothing_and_keeps_artifacts(
     assert not fs.exists(f"{bucket}/broken/b1/{MANIFEST_NAME}")  # nothing committed
     kept = kept_workspace(text)
     assert (kept / "data" / "doomed-2.bin").read_bytes() == b"2"
+
+
+def test_a_large_file_retries_a_failed_part_alone_and_aborts_when_parts_run_out(
+    ray_wd: Path, bucket: str, fault_proxy: Any, moto_endpoint: str
+) -> None:
+    fault_proxy.reset()
+    part = 5 * 1024 * 1024
+    content = random.Random(7).randbytes(3 * part + 123)  # four parts
+    opts = s3_options(fault_proxy.url, upload_part_size=part, upload_retries=1, **FAST_RETRY)
+
+    @ray.remote(max_retries=0)
+    @isolated_export(f"s3://{bucket}/parts/{{run_id}}", storage_options=opts)
+    def run(run_id: str) -> None:
+        Path("data/big.bin").write_bytes(content)
+
+    # Part 2 answers 503 twice: only that part is sent again, and the run is complete.
+    fault_proxy.fail_matching, fault_proxy.fail_next = "&partNumber=2", 2
+    r = ray.get(run.remote("p1"))
+    sends = [(p, s) for m, p, s in fault_proxy.log if m == "PUT" and "partNumber=" in p]
+    assert [s for p, s in sends if "&partNumber=2" in p] == [503, 503, 200]
+    assert sum(1 for p, s in sends if s == 200) == 4  # each part stored once
+    fs = s3fs_for(moto_endpoint)
+    got = fs.cat_file(f"{bucket}/parts/p1/data/big.bin")
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(content).hexdigest()
+    assert r.manifest.files[0].sha256 == hashlib.sha256(content).hexdigest()
+
+    # Part 3 always fails: the export fails naming the file, the multipart upload is aborted
+    # (no parts left stored and billed), nothing is committed, the file stays on the node.
+    fault_proxy.reset()
+    fault_proxy.fail_matching, fault_proxy.fail_always = "&partNumber=3", True
+    with pytest.raises(ExportError) as info:
+        ray.get(run.remote("p2"))
+    fault_proxy.reset()
+    assert "data/big.bin" in str(info.value)
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="k",
+        aws_secret_access_key="s",  # local moto server
+    )
+    pending = client.list_multipart_uploads(Bucket=bucket, Prefix="parts/p2/").get("Uploads", [])
+    assert pending == []
+    assert not fs.exists(f"{bucket}/parts/p2/{MANIFEST_NAME}")
+    assert (kept_workspace(str(info.value)) / "data" / "big.bin").read_bytes() == content
 
 
 def test_secrets_never_appear_in_errors_logs_reprs_or_manifests(

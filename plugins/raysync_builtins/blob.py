@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,7 @@ class Options:
     storage_option goes to the fsspec filesystem unchanged."""
 
     upload_concurrency: int = 16
+    upload_part_concurrency: int = 10
     upload_bytes_in_flight: int = 256 * 1024 * 1024
     upload_part_size: int = 8 * 1024 * 1024
     upload_retries: int = 6
@@ -114,9 +115,14 @@ class Options:
                     f"storage_options[{k!r}] must be a non-negative number, not {v!r}"
                 )
         opts = cls(**ours)
-        if opts.upload_concurrency < 1 or opts.upload_part_size < 5 * 1024 * 1024:
+        if (
+            opts.upload_concurrency < 1
+            or opts.upload_part_concurrency < 1
+            or opts.upload_part_size < 5 * 1024 * 1024
+        ):
             raise ConfigError(
-                "upload_concurrency must be ≥ 1 and upload_part_size ≥ 5 MiB "
+                "upload_concurrency and upload_part_concurrency must be ≥ 1 and "
+                "upload_part_size ≥ 5 MiB "
                 "(S3's smallest multipart part)"
             )
         return opts, rest
@@ -317,11 +323,18 @@ class BlobBackend:
     ) -> None:
         budget = ByteBudget(opts.upload_bytes_in_flight)
         failed: dict[str, BaseException] = {}
-        with ThreadPoolExecutor(
-            max_workers=opts.upload_concurrency, thread_name_prefix="raysync-upload"
-        ) as pool:
+        # Large files on S3 send several parts at once, from a pool of their own (a file's
+        # thread waits for its parts, so they must not queue behind it in the same pool).
+        with (
+            ThreadPoolExecutor(
+                max_workers=opts.upload_concurrency, thread_name_prefix="raysync-upload"
+            ) as pool,
+            ThreadPoolExecutor(
+                max_workers=opts.upload_part_concurrency, thread_name_prefix="raysync-part"
+            ) as parts,
+        ):
             futures = {
-                pool.submit(self._upload_one, fs, f"{run}/{e.path}", e, opts, budget): e
+                pool.submit(self._upload_one, fs, f"{run}/{e.path}", e, opts, budget, parts): e
                 for e in request.files
             }
             for fut in as_completed(futures):
@@ -344,22 +357,30 @@ class BlobBackend:
                 hint="check the endpoint, credentials and bucket; nothing was committed",
             )
 
-    @staticmethod
+    @classmethod
     def _upload_one(
-        fs: Any, dest: str, entry: FileEntry, opts: Options, budget: ByteBudget
+        cls,
+        fs: Any,
+        dest: str,
+        entry: FileEntry,
+        opts: Options,
+        budget: ByteBudget,
+        parts: ThreadPoolExecutor,
     ) -> None:
         if entry.size <= opts.upload_part_size:
             held = budget.acquire(entry.size)
             try:
                 buf = bytearray(entry.size)
                 read_and_hash(entry, memoryview(buf))
-                with_retries(
-                    f"uploading {entry.path}", lambda: fs.pipe_file(dest, bytes(buf)), opts
-                )
+                with_retries(f"uploading {entry.path}", lambda: fs.pipe_file(dest, buf), opts)
             finally:
                 budget.release(held)
             return
-        # Large file: streamed in parts, hashed from the bytes sent; a retry starts over.
+        if callable(getattr(fs, "call_s3", None)):
+            cls._upload_parts_s3(fs, dest, entry, opts, budget, parts)
+            return
+        # Other stores: streamed through fs.open in parts, hashed from the bytes sent; a retry
+        # starts the file over.
         held = budget.acquire(2 * opts.upload_part_size)
         try:
 
@@ -382,6 +403,98 @@ class BlobBackend:
             with_retries(f"uploading {entry.path}", stream, opts)
         finally:
             budget.release(held)
+
+    @staticmethod
+    def _upload_parts_s3(
+        fs: Any,
+        dest: str,
+        entry: FileEntry,
+        opts: Options,
+        budget: ByteBudget,
+        parts: ThreadPoolExecutor,
+    ) -> None:
+        """S3 multipart upload with several parts in flight (as boto3's transfer manager
+        does), read once: each part is hashed as it is read, then sent from the part pool.
+
+        Memory: the parts in flight, bounded by the shared bytes-in-flight budget. A failed
+        part is retried on its own; when its retries run out the upload is aborted.
+        """
+        assert entry.source is not None
+        bucket, key, _ = fs.split_path(dest)
+        call = fs.call_s3
+        mpu = with_retries(
+            f"starting the upload of {entry.path}",
+            lambda: call(
+                "create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32"
+            ),
+            opts,
+        )
+        upload_id = mpu["UploadId"]
+
+        def send(number: int, body: bytes, held: int) -> dict[str, Any]:
+            try:
+                out = with_retries(
+                    f"uploading part {number} of {entry.path}",
+                    lambda: call(
+                        "upload_part",
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=body,
+                        ChecksumAlgorithm="CRC32",
+                    ),
+                    opts,
+                )
+                part = {"PartNumber": number, "ETag": out["ETag"]}
+                if out.get("ChecksumCRC32"):
+                    part["ChecksumCRC32"] = out["ChecksumCRC32"]
+                return part
+            finally:
+                budget.release(held)
+
+        pending = []
+        try:
+            h = hashlib.sha256()
+            seen = 0
+            with open(entry.source, "rb") as src:
+                number = 0
+                while True:
+                    held = budget.acquire(opts.upload_part_size)
+                    body = src.read(opts.upload_part_size)
+                    if not body:
+                        budget.release(held)
+                        break
+                    h.update(body)
+                    seen += len(body)
+                    number += 1
+                    pending.append(parts.submit(send, number, body, held))
+                    del body
+            if seen != entry.size:
+                raise changed_error(entry, seen)
+            done = [f.result() for f in pending]
+            with_retries(
+                f"completing the upload of {entry.path}",
+                lambda: call(
+                    "complete_multipart_upload",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": done},
+                ),
+                opts,
+            )
+            fs.invalidate_cache(dest)
+            entry.sha256 = h.hexdigest()
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            wait(pending)
+            try:
+                call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            except Exception as e:  # noqa: BLE001 - the real error is the one raised below
+                log.warning("raysync: could not abort the multipart upload of %s: %s", key, e)
+            raise
 
     @staticmethod
     def _clean(fs: Any, run: str, manifest: Manifest, opts: Options) -> None:
