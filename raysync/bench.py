@@ -1,15 +1,17 @@
 """``python -m raysync.bench``: raysync's export throughput against the tools users would
 otherwise use, measured in one run, interleaved, reported as medians and ratios.
 
-This first version covers the fsspec-blob backend against an S3 API: by default an in-process
-moto server on 127.0.0.1 (``pip install 'raysync[bench]'``), or ``--endpoint URL``. Shapes:
+Backends (``--backend``):
 
-- ``small``: many 4 KiB files in nested directories (one object per file);
-  baselines: the server's own PUT ceiling (boto3 ``put_object`` from 16 threads, data already
-  in memory) and naive ``s3fs.put(recursive=True)``;
-- ``large``: a few large files; baseline: boto3's transfer manager (``upload_file``).
+- ``fsspec`` against an S3 API: a moto server the bench starts in its own process on
+  127.0.0.1 over HTTPS (``pip install 'raysync[bench]'``), or ``--endpoint URL``.
+  ``small`` shape: the server's own PUT ceiling (boto3 ``put_object`` from 16 threads, data
+  in memory) and naive ``s3fs.put(recursive=True)``; ``large``: boto3's transfer manager.
+- ``rsync`` to a mounted path (a local directory here) against plain ``rsync -a``.
 
-Each repetition writes to a fresh prefix, and the contenders take turns (A B C A B C ...).
+Shapes (``--shape``): ``small``, many 4 KiB files in nested directories; ``large``, a few
+large files. Each repetition writes to a fresh destination, and the contenders take turns
+(A B C A B C ...); the first contender of each group is the baseline.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import socket
 import ssl
 import statistics
@@ -187,96 +190,179 @@ def moto_server(*, tls: bool = True) -> Iterator[str]:
             proc.wait(timeout=10)
 
 
+class RsyncBench:
+    """The rsync backend to a mounted path (here a local directory) against plain rsync."""
+
+    def __init__(self, base: Path) -> None:
+        self.binary = shutil.which("rsync")
+        self.base = base / "mount"
+        self.base.mkdir()
+
+    def dest(self) -> Path:
+        return self.base / f"run-{uuid.uuid4().hex[:10]}"
+
+    def clear(self) -> None:
+        """Between timings: remove earlier copies (memory, when the mount is a tmpfs)."""
+        for p in self.base.glob("run-*"):
+            shutil.rmtree(p)
+
+    def plain(self, root: Path) -> None:
+        assert self.binary is not None
+        subprocess.run([self.binary, "-a", f"{root}/export/", str(self.dest())], check=True)
+
+    def raysync(self, root: Path) -> None:
+        from raysync.backend import ExportRequest
+        from raysync.registry import get_registry
+        from raysync.target import Target
+
+        files = scan(root, ["export"])
+        manifest = Manifest(
+            files=files, run={"status": "succeeded", "task_id": "bench"}, trees=["export"]
+        )
+        uri = f"rsync://{self.dest()}"
+        backend = get_registry().for_scheme("rsync")
+        # What the driver does once (prepare) and the worker per call (export).
+        prepared = backend.prepare(Target(f"rsync://{self.base}/{{run}}", "rsync", {}))
+        backend.export(
+            ExportRequest(
+                target=Target(uri, "rsync", {}),
+                files=files,
+                manifest=manifest,
+                workspace=root,
+                conflict="error",
+                task_id="bench",
+                prepared=prepared,
+            )
+        )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    with contextlib.ExitStack() as stack:
-        endpoint = args.endpoint or stack.enter_context(moto_server(tls=not args.no_tls))
-        return _run(args, endpoint, own_server=args.endpoint is None)
-
-
-def _run(args: argparse.Namespace, endpoint: str, *, own_server: bool) -> dict[str, Any]:
-    if own_server:
-        import urllib3
-
-        # Our own loopback server's throw-away certificate is not verified.
-        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    backends = ["fsspec", "rsync"] if args.backend == "all" else [args.backend]
     report: dict[str, Any] = {
         "machine": {
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
         },
-        "target": (
-            f"moto server (own process, {'HTTPS' if not args.no_tls else 'HTTP'}) on 127.0.0.1"
-            if own_server
-            else endpoint
-        ),
         "repeat": args.repeat,
-        "shapes": {},
+        "backends": {},
     }
-    bench = S3Bench(endpoint, verify=not own_server)
     shapes = ["small", "large"] if args.shape == "all" else [args.shape]
-    for shape in shapes:
-        contenders: dict[str, Callable[[Path], None]] = (
-            {
-                "s3 PUT ceiling (boto3, 16 threads)": bench.put_ceiling,
-                "s3fs put(recursive=True)": bench.s3fs_put,
-                "raysync fsspec": bench.raysync,
-            }
-            if shape == "small"
-            else {
-                "boto3 transfer manager": bench.transfer_manager,
-                "raysync fsspec": bench.raysync,
-            }
-        )
-        with tempfile.TemporaryDirectory(prefix="raysync-bench-") as tmp:
-            root = Path(tmp)
-            make_tree(root, shape, args.files, args.large_size * MIB, args.large_files)
-            nfiles = sum(1 for p in root.rglob("*") if p.is_file())
-            nbytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-            times: dict[str, list[float]] = {name: [] for name in contenders}
-            for rep in range(args.repeat):
-                for name, fn in contenders.items():
-                    times[name].append(_time(fn, root))
-                    if not args.json:
-                        print(
-                            f"  {shape}: {name} rep {rep + 1}/{args.repeat}: "
-                            f"{times[name][-1]:.2f}s",
-                            file=sys.stderr,
+    with tempfile.TemporaryDirectory(prefix="raysync-bench-", dir=args.tmp) as tmp:
+        if "fsspec" in backends and args.endpoint is None and not importlib.util.find_spec("moto"):
+            print(
+                "raysync bench: moto is not installed (pip install 'raysync[bench]'); "
+                "skipping fsspec, or pass --endpoint URL of an S3 API",
+                file=sys.stderr,
+            )
+        elif "fsspec" in backends:
+            with contextlib.ExitStack() as stack:
+                own = args.endpoint is None
+                endpoint = args.endpoint or stack.enter_context(moto_server(tls=not args.no_tls))
+                if own:
+                    import urllib3
+
+                    # Our own loopback server's throw-away certificate is not verified.
+                    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+                s3 = S3Bench(endpoint, verify=not own)
+                target = (
+                    f"moto server (own process, {'HTTP' if args.no_tls else 'HTTPS'}) on 127.0.0.1"
+                    if own
+                    else endpoint
+                )
+                report["backends"]["fsspec"] = {
+                    "target": target,
+                    "shapes": {
+                        shape: _measure(
+                            args,
+                            shape,
+                            {
+                                "s3 PUT ceiling (boto3, 16 threads)": s3.put_ceiling,
+                                "s3fs put(recursive=True)": s3.s3fs_put,
+                                "raysync fsspec": s3.raysync,
+                            }
+                            if shape == "small"
+                            else {
+                                "boto3 transfer manager": s3.transfer_manager,
+                                "raysync fsspec": s3.raysync,
+                            },
                         )
-        baseline = next(iter(contenders))
-        rows = {}
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            rows[name] = {
-                "median_s": med,
-                "files_per_s": nfiles / med,
-                "mb_per_s": nbytes / 1e6 / med,
-                "ratio_to_baseline": statistics.median(times[baseline]) / med,
-            }
-        report["shapes"][shape] = {
-            "files": nfiles,
-            "bytes": nbytes,
-            "baseline": baseline,
-            "results": rows,
-        }
+                        for shape in shapes
+                    },
+                }
+        if "rsync" in backends:
+            rs = RsyncBench(Path(tmp))
+            if rs.binary is None:
+                print("raysync bench: rsync is not installed; skipping it", file=sys.stderr)
+            else:
+                where = args.tmp or tempfile.gettempdir()
+                report["backends"]["rsync"] = {
+                    "target": f"a local directory as the mount (under {where})",
+                    "shapes": {
+                        shape: _measure(
+                            args,
+                            shape,
+                            {"rsync -a": rs.plain, "raysync rsync": rs.raysync},
+                            between=rs.clear,
+                        )
+                        for shape in shapes
+                    },
+                }
     return report
 
 
+def _measure(
+    args: argparse.Namespace,
+    shape: str,
+    contenders: dict[str, Callable[[Path], None]],
+    *,
+    between: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Time each contender on one tree, interleaved; the first contender is the baseline."""
+    with tempfile.TemporaryDirectory(prefix="raysync-bench-tree-", dir=args.tmp) as tmp:
+        root = Path(tmp)
+        make_tree(root, shape, args.files, args.large_size * MIB, args.large_files)
+        nfiles = sum(1 for p in root.rglob("*") if p.is_file())
+        nbytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for rep in range(args.repeat):
+            for name, fn in contenders.items():
+                if between is not None:
+                    between()
+                times[name].append(_time(fn, root))
+                if not args.json:
+                    print(
+                        f"  {shape}: {name} rep {rep + 1}/{args.repeat}: {times[name][-1]:.2f}s",
+                        file=sys.stderr,
+                    )
+    baseline = next(iter(contenders))
+    rows = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows[name] = {
+            "median_s": med,
+            "files_per_s": nfiles / med,
+            "mb_per_s": nbytes / 1e6 / med,
+            "ratio_to_baseline": statistics.median(times[baseline]) / med,
+        }
+    return {"files": nfiles, "bytes": nbytes, "baseline": baseline, "results": rows}
+
+
 def format_report(report: dict[str, Any]) -> str:
-    lines = [
-        f"target: {report['target']}; {report['machine']['cpus']} CPUs; "
-        f"median of {report['repeat']}"
-    ]
-    for shape, s in report["shapes"].items():
-        lines.append(
-            f"\n{shape}: {s['files']} files, {s['bytes'] / 1e6:.1f} MB (baseline: {s['baseline']})"
-        )
-        lines.append(f"  {'contender':<36} {'files/s':>9} {'MB/s':>8} {'ratio':>6}")
-        for name, r in s["results"].items():
+    lines = [f"{report['machine']['cpus']} CPUs; median of {report['repeat']}"]
+    for backend, b in report["backends"].items():
+        lines.append(f"\n== {backend} -> {b['target']}")
+        for shape, s in b["shapes"].items():
             lines.append(
-                f"  {name:<36} {r['files_per_s']:>9.1f} {r['mb_per_s']:>8.1f} "
-                f"{r['ratio_to_baseline']:>6.2f}"
+                f"\n{shape}: {s['files']} files, {s['bytes'] / 1e6:.1f} MB "
+                f"(baseline: {s['baseline']})"
             )
+            lines.append(f"  {'contender':<36} {'files/s':>9} {'MB/s':>8} {'ratio':>6}")
+            for name, r in s["results"].items():
+                lines.append(
+                    f"  {name:<36} {r['files_per_s']:>9.1f} {r['mb_per_s']:>8.1f} "
+                    f"{r['ratio_to_baseline']:>6.2f}"
+                )
     return "\n".join(lines)
 
 
@@ -286,14 +372,21 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--backend", choices=["fsspec", "rsync", "all"], default="all")
     parser.add_argument("--shape", choices=["small", "large", "all"], default="all")
     parser.add_argument("--files", type=int, default=2000, help="files in the small shape")
     parser.add_argument("--large-size", type=int, default=64, help="MiB per large file")
     parser.add_argument("--large-files", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--endpoint", help="S3 API URL (default: an in-process moto server)")
+    parser.add_argument("--endpoint", help="S3 API URL (default: a moto server it starts)")
     parser.add_argument(
         "--no-tls", action="store_true", help="serve the moto server over plain HTTP"
+    )
+    parser.add_argument(
+        "--tmp",
+        default="/dev/shm" if os.path.isdir("/dev/shm") else None,  # noqa: S108 - a choice
+        help="where the trees and the rsync 'mount' live (default: /dev/shm, a tmpfs, so "
+        "that disk writeback does not swamp the comparison)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)

@@ -91,8 +91,17 @@ class BackendConflictError(ConfigError):
 class MissingDependencyError(ConfigError):
     """A backend needs an optional package that is not installed."""
 
-    def __init__(self, what: str, *, extra: str | None = None, package: str | None = None) -> None:
-        if extra:
+    def __init__(
+        self,
+        what: str,
+        *,
+        extra: str | None = None,
+        package: str | None = None,
+        install: str | None = None,
+    ) -> None:
+        if install:
+            hint = install
+        elif extra:
             hint = f"pip install 'raysync[{extra}]'"
         elif package:
             hint = f"pip install {package}"

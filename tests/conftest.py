@@ -110,6 +110,83 @@ def fault_proxy(moto_endpoint: str) -> Iterator[Any]:
         yield proxy
 
 
+class RsyncDaemon:
+    """A real ``rsync --daemon`` on 127.0.0.1 with its own config file and port.
+
+    Modules: ``runs`` (read-write, at ``self.root / "runs"``) and ``ro`` (read-only).
+    """
+
+    def __init__(self, base: Path) -> None:
+        import socket
+        import subprocess
+        import time
+
+        self.root = base
+        (base / "runs").mkdir()
+        (base / "ro").mkdir()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        conf = base / "rsyncd.conf"
+        conf.write_text(
+            f"pid file = {base}/rsyncd.pid\n"
+            f"log file = {base}/rsyncd.log\n"
+            "use chroot = false\n"
+            f"uid = {os.getuid()}\n"
+            f"gid = {os.getgid()}\n"
+            f"[runs]\n  path = {base}/runs\n  read only = false\n"
+            f"[ro]\n  path = {base}/ro\n  read only = true\n"
+        )
+        rsync = shutil.which("rsync")
+        if rsync is None:
+            pytest.fail("rsync is not installed (.ci/run installs it: apt-get install rsync)")
+        self.proc = subprocess.Popen(
+            [
+                rsync,
+                "--daemon",
+                "--no-detach",
+                f"--config={conf}",
+                "--address=127.0.0.1",
+                f"--port={self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"rsync daemon did not start: {self.log()}")
+                time.sleep(0.05)
+        self.url = f"rsync://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        path = self.root / "rsyncd.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def rsync_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RsyncDaemon]:
+    daemon = RsyncDaemon(tmp_path_factory.mktemp("rsyncd"))
+    yield daemon
+    daemon.stop()
+
+
 def s3_options(endpoint: str, **extra: Any) -> dict[str, Any]:
     """storage_options for s3fs against a test endpoint (moto accepts any credentials)."""
     return {

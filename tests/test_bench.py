@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 
-def test_bench_runs_small_and_large_shapes_and_reports_ratios() -> None:
+def test_bench_runs_every_backend_and_shape_and_reports_ratios() -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -30,15 +30,18 @@ def test_bench_runs_small_and_large_shapes_and_reports_ratios() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    small, large = report["shapes"]["small"], report["shapes"]["large"]
-    assert small["files"] == 30 and small["bytes"] == 30 * 4096
-    assert large["files"] == 1 and large["bytes"] == 6 * 1024 * 1024
-    assert set(small["results"]) == {
+    fsspec, rsync = report["backends"]["fsspec"]["shapes"], report["backends"]["rsync"]["shapes"]
+    for shapes in (fsspec, rsync):
+        small, large = shapes["small"], shapes["large"]
+        assert small["files"] == 30 and small["bytes"] == 30 * 4096
+        assert large["files"] == 1 and large["bytes"] == 6 * 1024 * 1024
+        assert small["results"][small["baseline"]]["ratio_to_baseline"] == 1.0
+        for shape in (small, large):
+            for row in shape["results"].values():
+                assert row["median_s"] > 0 and row["files_per_s"] > 0 and row["mb_per_s"] > 0
+    assert set(fsspec["small"]["results"]) == {
         "s3 PUT ceiling (boto3, 16 threads)",
         "s3fs put(recursive=True)",
         "raysync fsspec",
     }
-    assert small["results"][small["baseline"]]["ratio_to_baseline"] == 1.0
-    for shape in (small, large):
-        for row in shape["results"].values():
-            assert row["median_s"] > 0 and row["files_per_s"] > 0 and row["mb_per_s"] > 0
+    assert set(rsync["large"]["results"]) == {"rsync -a", "raysync rsync"}

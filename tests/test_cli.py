@@ -53,6 +53,10 @@ def test_verify_passes_on_a_committed_run_and_names_a_tampered_file(
 
 
 def test_bench_subcommand_passes_its_options_on() -> None:
-    proc = _raysync("bench", "--shape", "small", "--files", "5", "--repeat", "1", "--json")
+    proc = _raysync(
+        "bench", "--backend", "rsync", "--shape", "small", "--files", "5", "--repeat", "1", "--json"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout)["shapes"]["small"]["files"] == 5
+    report = json.loads(proc.stdout)
+    assert list(report["backends"]) == ["rsync"]
+    assert report["backends"]["rsync"]["shapes"]["small"]["files"] == 5

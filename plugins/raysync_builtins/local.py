@@ -46,6 +46,93 @@ def read_committed(run_dir: Path, *, uri: str) -> Manifest | None:
     return Manifest.from_bytes(data, uri=uri)
 
 
+def prepare_root(root: Path) -> dict[str, str]:
+    """On the driver: create ``root`` and its visibility token; the facts a worker checks."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        token_file = root / TOKEN_NAME
+        try:
+            with open(token_file, "x") as f:
+                f.write(secrets.token_hex(16))
+        except FileExistsError:
+            pass
+        token = token_file.read_text().strip()
+    except OSError as e:
+        raise DestinationError(
+            f"cannot prepare the destination root {root}: {e}",
+            uri=str(root),
+            hint="check the path and its permissions",
+        ) from e
+    return {"root": str(root), "token": token}
+
+
+def check_visible(prepared: Mapping[str, str], dest: Path, uri: str) -> None:
+    """On the worker: refuse a destination whose root does not hold the driver's token."""
+    root = Path(prepared.get("root", ""))
+    token = prepared.get("token")
+    try:
+        found = (root / TOKEN_NAME).read_text().strip()
+    except OSError:
+        found = None
+    if not token or found != token:
+        raise DestinationNotVisibleError(
+            f"the driver's destination root {root} is not visible on this node (its "
+            "visibility token is missing or different), so exporting here would write to "
+            "this node's own disk",
+            uri=uri,
+            hint="mount the same filesystem at the same path on every node, or use a "
+            "backend that reaches the driver (return-by-value, an object store)",
+        )
+    if not dest.is_relative_to(root):
+        raise DestinationNotVisibleError(f"{dest} is outside the prepared root {root}", uri=uri)
+
+
+def check_conflict(dest: Path, *, task_id: str, conflict: str, uri: str) -> bool:
+    """Apply the conflict policy to a directory destination; True when replacing a run."""
+    existing = read_committed(dest, uri=uri)
+    if existing is not None:
+        if existing.run.get("task_id") == task_id:
+            return True  # an earlier attempt of this very Ray task: a retry replaces it
+        if conflict == "overwrite":
+            return True
+        raise RunExistsError(
+            "a committed run already exists here",
+            uri=uri,
+            hint="use another output_uri (e.g. add {task_id}) or conflict='overwrite'",
+        )
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        if conflict != "overwrite":
+            raise RunExistsError(
+                "the destination exists and is not a raysync run",
+                uri=uri,
+                hint="choose an empty or new directory, or conflict='overwrite'",
+            )
+        return True
+    return False
+
+
+def commit_dir(staging: Path, dest: Path, *, replace: bool, uri: str) -> None:
+    """Rename a complete staged run into place (the commit)."""
+    if not replace:
+        try:
+            # rename() onto a missing or empty directory is atomic; onto a non-empty one
+            # it fails, which is how a concurrent commit to the same run is detected.
+            os.rename(staging, dest)
+        except OSError as e:
+            if dest.exists():
+                raise RunExistsError(
+                    "another call committed this run first",
+                    uri=uri,
+                    hint="give each call its own output_uri (e.g. add {task_id})",
+                ) from e
+            raise
+        return
+    old = dest.parent / f".{dest.name}.raysync-old-{uuid.uuid4().hex[:12]}"
+    os.rename(dest, old)
+    os.rename(staging, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class LocalCopyBackend:
     """Copies a call's trees to a directory the worker and the driver both see."""
 
@@ -67,49 +154,13 @@ class LocalCopyBackend:
             )
 
     def prepare(self, target: Target) -> Mapping[str, str]:
-        root = Path(target.local_path(target.root or "."))
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            token_file = root / TOKEN_NAME
-            try:
-                with open(token_file, "x") as f:
-                    f.write(secrets.token_hex(16))
-            except FileExistsError:
-                pass
-            token = token_file.read_text().strip()
-        except OSError as e:
-            raise DestinationError(
-                f"cannot prepare the destination root {root}: {e}",
-                uri=str(root),
-                hint="check the path and its permissions",
-            ) from e
-        return {"root": str(root), "token": token}
+        return prepare_root(Path(target.local_path(target.root or ".")))
 
     def export(self, request: ExportRequest) -> ExportOutcome:
         dest = Path(request.target.local_path())
         uri = f"file://{dest}"
-        self._check_visible(request, dest, uri)
-        existing = read_committed(dest, uri=uri)
-        replace = False
-        if existing is not None:
-            if existing.run.get("task_id") == request.task_id:
-                replace = True  # an earlier attempt of this very Ray task: a retry replaces it
-            elif request.conflict == "overwrite":
-                replace = True
-            else:
-                raise RunExistsError(
-                    "a committed run already exists here",
-                    uri=uri,
-                    hint="use another output_uri (e.g. add {task_id}) or conflict='overwrite'",
-                )
-        elif dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-            if request.conflict != "overwrite":
-                raise RunExistsError(
-                    "the destination exists and is not a raysync run",
-                    uri=uri,
-                    hint="choose an empty or new directory, or conflict='overwrite'",
-                )
-            replace = True
+        check_visible(request.prepared, dest, uri)
+        replace = check_conflict(dest, task_id=request.task_id, conflict=request.conflict, uri=uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = dest.parent / f".{dest.name}.raysync-staging-{uuid.uuid4().hex[:12]}"
         staging.mkdir()
@@ -123,51 +174,11 @@ class LocalCopyBackend:
                 copy_and_hash(entry, out)
             # The manifest is written last: a directory holding one is a complete run.
             (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
-            self._commit(staging, dest, replace=replace, uri=uri)
+            commit_dir(staging, dest, replace=replace, uri=uri)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return ExportOutcome(uri=uri)
-
-    def _check_visible(self, request: ExportRequest, dest: Path, uri: str) -> None:
-        root = Path(request.prepared.get("root", ""))
-        token = request.prepared.get("token")
-        try:
-            found = (root / TOKEN_NAME).read_text().strip()
-        except OSError:
-            found = None
-        if not token or found != token:
-            raise DestinationNotVisibleError(
-                f"the driver's destination root {root} is not visible on this node (its "
-                "visibility token is missing or different), so exporting here would write to "
-                "this node's own disk",
-                uri=uri,
-                hint="mount the same filesystem at the same path on every node, or use a "
-                "backend that reaches the driver (return-by-value, an object store)",
-            )
-        if not dest.is_relative_to(root):
-            raise DestinationNotVisibleError(f"{dest} is outside the prepared root {root}", uri=uri)
-
-    @staticmethod
-    def _commit(staging: Path, dest: Path, *, replace: bool, uri: str) -> None:
-        if not replace:
-            try:
-                # rename() onto a missing or empty directory is atomic; onto a non-empty one
-                # it fails, which is how a concurrent commit to the same run is detected.
-                os.rename(staging, dest)
-            except OSError as e:
-                if dest.exists():
-                    raise RunExistsError(
-                        "another call committed this run first",
-                        uri=uri,
-                        hint="give each call its own output_uri (e.g. add {task_id})",
-                    ) from e
-                raise
-            return
-        old = dest.parent / f".{dest.name}.raysync-old-{uuid.uuid4().hex[:12]}"
-        os.rename(dest, old)
-        os.rename(staging, dest)
-        shutil.rmtree(old, ignore_errors=True)
 
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
         src = _run_dir(result.uri)
