@@ -26,10 +26,16 @@ demo: $(VENV)/.core-installed
 
 # Debian packages the tests use (rsync for the rsync backend); installed when missing.
 sysdeps:
-	@command -v rsync >/dev/null 2>&1 || { \
+	@missing=""; \
+	command -v rsync >/dev/null 2>&1 || missing="$$missing rsync"; \
+	command -v ssh >/dev/null 2>&1 || missing="$$missing openssh-client"; \
+	[ -x /usr/sbin/sshd ] || command -v sshd >/dev/null 2>&1 || missing="$$missing openssh-server"; \
+	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null; \
-	  else echo "rsync is missing: install it (e.g. sudo apt-get install rsync)" >&2; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing system packages:$$missing (install them; the ssh tests skip without)" >&2; fi; \
+	fi
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .

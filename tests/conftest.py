@@ -187,6 +187,90 @@ def rsync_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RsyncDaem
     daemon.stop()
 
 
+class Sshd:
+    """A real sshd on 127.0.0.1 with its own host key, config, port and one client key.
+
+    ``ssh_command`` is what a user passes as ``storage_options["ssh_command"]``.
+    """
+
+    def __init__(self, base: Path) -> None:
+        import getpass
+        import socket
+        import subprocess
+        import time
+
+        sshd, keygen = shutil.which("sshd") or "/usr/sbin/sshd", shutil.which("ssh-keygen")
+        if not os.path.exists(sshd) or keygen is None or shutil.which("ssh") is None:
+            pytest.skip("openssh-server/client not installed (.ci/run installs them as root)")
+        self.user = getpass.getuser()
+        for name in ("host_key", "client_key"):
+            subprocess.run(
+                [keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(base / name)], check=True
+            )
+        (base / "authorized_keys").write_text((base / "client_key.pub").read_text())
+        os.chmod(base / "authorized_keys", 0o600)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        conf = base / "sshd_config"
+        conf.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {base}/host_key\n"
+            f"AuthorizedKeysFile {base}/authorized_keys\nPidFile {base}/sshd.pid\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            "StrictModes no\nPermitRootLogin prohibit-password\n"
+        )
+        if os.getuid() == 0:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
+        self.log = base / "sshd.log"
+        self.proc = subprocess.Popen(
+            [sshd, "-D", "-f", str(conf), "-E", str(self.log)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    text = self.log.read_text() if self.log.exists() else ""
+                    pytest.skip(f"sshd cannot run here: {text[-500:]}")
+                time.sleep(0.05)
+        self.ssh_command = [
+            "ssh",
+            "-i",
+            str(base / "client_key"),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
 def s3_options(endpoint: str, **extra: Any) -> dict[str, Any]:
     """storage_options for s3fs against a test endpoint (moto accepts any credentials)."""
     return {

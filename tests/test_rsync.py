@@ -23,7 +23,7 @@ from raysync.errors import (
     RunExistsError,
 )
 from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
-from tests.conftest import RsyncDaemon, files_under, kept_workspace
+from tests.conftest import RsyncDaemon, Sshd, files_under, kept_workspace
 
 # Names rsync would take for options if they ever reached its command line.
 HOSTILE = ["-e evil", "--rsh=touch pwned", "--delete", "-", "a b\nc.txt", "--"]
@@ -107,6 +107,27 @@ def test_export_to_an_rsync_daemon_and_read_back(
     with pytest.raises(RunExistsError):
         ray.get(other.remote("d1"))
     assert committed(on_disk).run["task_id"] == manifest.run["task_id"]
+
+
+def test_export_over_ssh_to_a_real_sshd_and_read_back(
+    ray_wd: Path, sshd: Sshd, tmp_path: Path
+) -> None:
+    remote = tmp_path / "over-ssh"  # "remote": the sshd runs on this machine
+
+    @ray.remote(max_retries=0)
+    @isolated_export(
+        f"rsync+ssh://{sshd.user}@127.0.0.1:{sshd.port}{remote}/runs/{{run_id}}",
+        storage_options={"ssh_command": sshd.ssh_command, "retries": 0},
+    )
+    def run(run_id: str) -> dict[str, bytes]:
+        return write_trees()
+
+    r = ray.get(run.remote("s1"))
+    on_disk = remote / "runs" / "s1"
+    manifest = committed(on_disk)
+    assert sorted(f.path for f in manifest.files) == sorted(r.value)
+    assert files_under(r.materialize(tmp_path / "pulled")) == r.value
+    assert not list(tmp_path.rglob("pwned"))
 
 
 def find_rsync(marker: str) -> psutil.Process | None:
