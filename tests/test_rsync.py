@@ -201,6 +201,37 @@ def test_rsync_killed_mid_transfer_is_retried_and_nothing_partial_is_committed(
     assert [p.name for p in (mount / "runs").iterdir() if "staging" in p.name] == []
 
 
+def test_rsync_killed_with_no_retries_left_fails_clearly_and_leaves_nothing_on_the_mount(
+    ray_wd: Path, tmp_path: Path
+) -> None:
+    mount = tmp_path / "doomed"
+    content = random.Random(6).randbytes(16 * 1024 * 1024)
+
+    @ray.remote(max_retries=0)
+    @isolated_export(
+        f"rsync://{mount}/runs/{{run_id}}", storage_options={"bwlimit": 4000, "retries": 0}
+    )
+    def run(run_id: str) -> None:
+        Path("data/big.bin").write_bytes(content)
+
+    ref = run.remote("x1")
+    deadline = time.monotonic() + 60
+    killed = False
+    while not killed and time.monotonic() < deadline:
+        proc = find_rsync(str(mount))
+        if proc is not None and list((mount / "runs").glob(".x1.raysync-staging-*/**/*big*")):
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+        time.sleep(0.05)
+    assert killed, "rsync never started transferring"
+    with pytest.raises(ExportError) as info:
+        ray.get(ref, timeout=120)
+    text = str(info.value)
+    assert "killed by a signal" in text and "nothing was committed" in text
+    assert sorted(p.name for p in (mount / "runs").iterdir()) == [".raysync-visible"]
+    assert (kept_workspace(text) / "data" / "big.bin").read_bytes() == content
+
+
 def test_read_only_daemon_module_fails_clearly_and_keeps_the_artifacts(
     ray_wd: Path, rsync_daemon: RsyncDaemon
 ) -> None:

@@ -459,17 +459,24 @@ class RsyncBackend:
                 uri=uri,
                 hint="check that the destination is mounted read-write on this node",
             ) from e
-        self._transfer(request, rsync, str(staging) + "/")
-        # Leftovers of a killed attempt (partial files) are gone: --delete removed them and
-        # rsync removes its emptied partial dir; check anyway, then write the manifest.
-        shutil.rmtree(staging / PARTIAL_DIR, ignore_errors=True)
-        base = str(staging)
-        for entry in request.files:
-            got = os.stat(os.path.join(base, entry.path)).st_size
-            if got != entry.size:
-                raise changed_error(entry, got)
-        (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
-        commit_dir(staging, dest, replace=replace, uri=uri)
+        try:
+            self._transfer(request, rsync, str(staging) + "/")
+            # Leftovers of a killed attempt (partial files) are gone: --delete removed them
+            # and rsync removes its emptied partial dir; check anyway, then the manifest.
+            shutil.rmtree(staging / PARTIAL_DIR, ignore_errors=True)
+            base = str(staging)
+            for entry in request.files:
+                got = os.stat(os.path.join(base, entry.path)).st_size
+                if got != entry.size:
+                    raise changed_error(entry, got)
+            (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
+            commit_dir(staging, dest, replace=replace, uri=uri)
+        except BaseException:
+            # A failure this process sees is final for this attempt: leave nothing on the
+            # mount. (A worker killed mid-transfer cannot clean up; its Ray retry resumes
+            # from the staging dir, which is named after the task.)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def _export_remote(
         self, request: ExportRequest, rsync: Rsync, remote: Remote, uri: str
