@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ def ensure_ray(runtime_env: dict[str, Any] | None) -> None:
     if ray.is_initialized() and os.environ.get(_STATE_VAR) == wanted:
         return
     if ray.is_initialized():
+        stop_node2()
         ray.shutdown()
     ray.init(
         address="local",
@@ -41,9 +44,118 @@ def ensure_ray(runtime_env: dict[str, Any] | None) -> None:
 
 
 def stop_ray() -> None:
+    stop_node2()
     if ray.is_initialized():
         ray.shutdown()
     os.environ.pop(_STATE_VAR, None)
+
+
+# -- a second node that cannot see the host's files (CRAFT.md) ------------------------------
+
+NODE2_IP = "127.0.0.3"
+_NODE2_VAR = "RAYSYNC_TESTS_NODE2"  # {"pgid": ..., "gcs": ...} of the running second node
+
+
+def stop_node2() -> None:
+    """Stop the second node (by its process group id) if one runs."""
+    import signal
+    import time
+
+    state = os.environ.pop(_NODE2_VAR, None)
+    if not state:
+        return
+    pgid = json.loads(state)["pgid"]
+    # SIGKILL to the whole group (raylet, its workers, the namespace's shell): a SIGTERM makes
+    # the node drain for up to 30 s, and nothing on it needs a graceful end.
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
+def start_node2(hide: list[Path]) -> str:
+    """Join a second Ray node to the running cluster from a private mount namespace in which
+    ``hide`` and ``/tmp/ray`` are empty tmpfs mounts; it offers the resource ``node2``.
+    Returns its node id. Skips the test when ``unshare`` is not permitted."""
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    gcs = ray.get_runtime_context().gcs_address
+    state = os.environ.get(_NODE2_VAR)
+    if state and json.loads(state)["gcs"] == gcs:
+        alive = [n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == NODE2_IP]
+        if alive:
+            return str(alive[0]["NodeID"])
+    stop_node2()
+    unshare = shutil.which("unshare")
+    probe = subprocess.run(
+        [unshare or "unshare", "-m", "--propagation", "private", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if unshare is None or probe.returncode != 0:
+        pytest.skip(f"a private mount namespace is not permitted here: {probe.stderr.strip()}")
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    mounts = " && ".join(f"mount -t tmpfs none {shlex.quote(str(p))}" for p in [*hide, "/tmp/ray"])
+    start = shlex.join(
+        [
+            ray_bin,
+            "start",
+            f"--address={gcs}",
+            f"--node-ip-address={NODE2_IP}",
+            "--resources=" + json.dumps({"node2": 1000}),
+            "--num-cpus=4",
+            "--object-store-memory=400000000",
+            "--block",
+        ]
+    )
+    log = Path(tempfile.gettempdir()) / f"raysync-node2-{os.getpid()}.log"
+    proc = subprocess.Popen(
+        [unshare, "-m", "--propagation", "private", "sh", "-c", f"{mounts} && exec {start}"],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},
+    )
+    os.environ[_NODE2_VAR] = json.dumps({"pgid": proc.pid, "gcs": gcs})
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        alive = [n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == NODE2_IP]
+        if alive:
+            return str(alive[0]["NodeID"])
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    stop_node2()
+    pytest.fail(f"the second node did not join: {log.read_text()[-2000:]}")
+
+
+@dataclass
+class Node2:
+    node_id: str
+    driver_node_id: str
+    hidden: list[Path]
+
+    #: Task options that place a call on the second node.
+    options = {"resources": {"node2": 1}}  # noqa: RUF012 - read-only
+
+
+@pytest.fixture
+def node2(ray_wd: Path, tmp_path_factory: pytest.TempPathFactory) -> Node2:
+    """A second node on the test's Ray that cannot see the host's test files or /tmp/ray."""
+    hidden = [tmp_path_factory.getbasetemp()]
+    node_id = start_node2(hidden)
+    return Node2(node_id, ray.get_runtime_context().get_node_id(), hidden)
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,7 @@ def test_lookup_errors_list_what_is_installed() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("local", ["local"]), ("", []), ("all", ["fsspec", "local", "rsync", "value"])],
+    [("local", ["local"]), ("", []), ("all", ["fsspec", "host", "local", "rsync", "value"])],
 )
 def test_raysync_plugins_env_var_restricts_which_entry_points_load(
     value: str, expected: list[str]

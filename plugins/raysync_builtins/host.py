@@ -1,0 +1,422 @@
+"""host-sync backend: bring a call's files home to the driver's machine, with no shared storage.
+
+``host://artifacts/runs/{run_id}`` (relative to the driver's cwd) or ``host:///abs/path/{run_id}``
+(absolute on the driver's machine). The worker streams its trees through the Ray object store
+to a *sink* actor pinned to the driver's node (node-affinity scheduling, hard), which writes
+them into a staging directory next to the run, checks every file's size and sha256 against
+the worker's manifest, writes the manifest and renames the staging directory into place.
+
+Memory: the worker keeps at most ``window`` chunks of ``chunk_size`` bytes in flight; the sink
+holds at most ``sink_slots`` chunks at once, whatever the number of senders (write calls
+carry object refs, which the sink fetches only when a slot is free). So the sink's data in
+memory is bounded by ``sink_slots * chunk_size`` (32 MiB by default), and a sender by
+``window * chunk_size`` (32 MiB): back-pressure, not unbounded queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import resource
+import shutil
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+import raysync
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest
+from raysync.copy import changed_error
+from raysync.errors import (
+    ConfigError,
+    DestinationError,
+    ExportError,
+    IntegrityError,
+    MaterializeError,
+    RaySyncError,
+)
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
+from raysync.result import ExportResult, place_files, read_path_chunks
+from raysync.target import Target
+from raysync_builtins.local import check_conflict, commit_dir, read_committed
+
+MIB = 1024 * 1024
+SINK_PREFIX = "raysync-host-sink"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The host-sync backend's storage_options."""
+
+    #: Bytes per message from a worker to the sink (small files are packed together).
+    chunk_size: int = 8 * MIB
+    #: Messages a worker keeps in flight (its memory bound is window * chunk_size).
+    window: int = 4
+    #: Chunks the sink holds at once, all senders together (targets with the same sink
+    #: settings share one sink per job).
+    sink_slots: int = 4
+    #: Seconds a session may stay silent before the sink drops it (its worker died).
+    idle_timeout: float = 600.0
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any]) -> Options:
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(
+                f"unknown storage_options {unknown} for the host backend",
+                hint=f"its options are {sorted(cls.__dataclass_fields__)}",
+            )
+        for k, v in options.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise ConfigError(f"storage_options[{k!r}] must be a positive number, not {v!r}")
+        opts = cls(**options)
+        if opts.chunk_size < 64 * 1024:
+            raise ConfigError("storage_options['chunk_size'] must be at least 64 KiB")
+        return opts
+
+
+@dataclass
+class _Session:
+    dest: Path
+    staging: Path
+    task_id: str
+    replace: bool
+    last: float = field(default_factory=time.monotonic)
+
+
+class HostSink:
+    """The actor on the driver's node that receives and commits runs (async: many senders)."""
+
+    def __init__(self, sink_slots: int, idle_timeout: float) -> None:
+        self.roots: set[Path] = set()
+        self.sessions: dict[str, _Session] = {}
+        self.slots = asyncio.Semaphore(sink_slots)
+        self.idle_timeout = idle_timeout
+        self.held = 0
+        self.peak_held = 0
+        self.start_rss = _rss_peak()
+        self.received = 0
+
+    async def allow(self, root: str) -> None:
+        """The driver allows writes under ``root`` (the static part of a target's path)."""
+        self.roots.add(Path(root))
+
+    async def open(self, dest: str, task_id: str, conflict: str) -> str:
+        self._sweep()
+        path = Path(os.path.normpath(dest))
+        if not any(path.is_relative_to(r) for r in self.roots):
+            raise DestinationError(
+                "this path is outside every root the driver prepared", uri=f"host://{path}"
+            )
+        # An earlier attempt of the same task (its worker died) is dropped: a retry replaces.
+        for sid, s in list(self.sessions.items()):
+            if s.dest == path and s.task_id == task_id:
+                self._drop(sid)
+        replace = check_conflict(path, task_id=task_id, conflict=conflict, uri=f"host://{path}")
+        staging = path.parent / f".{path.name}.raysync-staging-{uuid.uuid4().hex[:12]}"
+        staging.mkdir(parents=True)
+        sid = uuid.uuid4().hex
+        self.sessions[sid] = _Session(path, staging, task_id, replace)
+        return sid
+
+    async def write(self, sid: str, items: list[tuple[str, int, int]], refs: list[Any]) -> int:
+        """Write one chunk: ``items`` are (path, offset in file, length) slices of the chunk,
+        whose bytes are the object ``refs[0]`` (nested in a list, so Ray does not fetch it
+        before a slot is free)."""
+        session = self._session(sid)
+        async with self.slots:
+            data = await refs[0]
+            self.held += len(data)
+            self.peak_held = max(self.peak_held, self.held)
+            try:
+                await asyncio.to_thread(_write_items, session.staging, items, data)
+            finally:
+                self.held -= len(data)
+        session.last = time.monotonic()
+        self.received += len(data)
+        return len(data)
+
+    async def commit(self, sid: str, manifest_bytes: bytes) -> str:
+        session = self._session(sid)
+        manifest = Manifest.from_bytes(manifest_bytes, uri=f"host://{session.dest}")
+        try:
+            await asyncio.to_thread(_check_staged, session.staging, manifest, session.dest)
+            (session.staging / MANIFEST_NAME).write_bytes(manifest_bytes)
+            commit_dir(
+                session.staging, session.dest, replace=session.replace, uri=str(session.dest)
+            )
+        except BaseException:
+            self._drop(sid)
+            raise
+        del self.sessions[sid]
+        return str(session.dest)
+
+    async def abort(self, sid: str) -> None:
+        self._drop(sid)
+
+    async def stats(self) -> dict[str, int]:
+        """Bytes held now and at most, and the process's peak RSS growth (for tests)."""
+        return {
+            "held": self.held,
+            "peak_held": self.peak_held,
+            "received": self.received,
+            "sessions": len(self.sessions),
+            "rss_growth": max(0, _rss_peak() - self.start_rss),
+        }
+
+    def _session(self, sid: str) -> _Session:
+        try:
+            return self.sessions[sid]
+        except KeyError:
+            raise ExportError(
+                "the sink dropped this transfer (idle too long, or replaced by a retry)",
+                backend="host",
+                uri="host://",
+                workspace=None,
+            ) from None
+
+    def _drop(self, sid: str) -> None:
+        s = self.sessions.pop(sid, None)
+        if s is not None:
+            shutil.rmtree(s.staging, ignore_errors=True)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for sid, s in list(self.sessions.items()):
+            if now - s.last > self.idle_timeout:
+                self._drop(sid)
+
+
+def _rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _write_items(staging: Path, items: list[tuple[str, int, int]], data: bytes) -> None:
+    view = memoryview(data)
+    pos = 0
+    for path, offset, length in items:
+        out = safe_join(staging, check_relpath(path))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, view[pos : pos + length], offset)
+        finally:
+            os.close(fd)
+        pos += length
+
+
+def _check_staged(staging: Path, manifest: Manifest, dest: Path) -> None:
+    """Every file arrived whole: size and sha256 against the worker's manifest; modes set."""
+    bad = []
+    for f in manifest.files:
+        p = safe_join(staging, f.path)
+        if not p.exists() and f.size == 0:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.touch()
+        h = hashlib.sha256()
+        try:
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(MIB), b""):
+                    h.update(chunk)
+            if p.stat().st_size != f.size or h.hexdigest() != f.sha256:
+                bad.append(f.path)
+            os.chmod(p, f.mode)
+        except FileNotFoundError:
+            bad.append(f.path)
+    if bad:
+        raise IntegrityError("files arrived damaged or incomplete", uri=f"host://{dest}", bad=bad)
+
+
+def chunks(
+    files: list[FileEntry], chunk_size: int
+) -> Iterator[tuple[list[tuple[str, int, int]], bytes]]:
+    """Pack files into messages of at most ``chunk_size`` bytes, hashing them as they are read.
+
+    Small files share a message; a large file spans several. Each file is read once.
+    """
+    items: list[tuple[str, int, int]] = []
+    buf = bytearray()
+    for entry in files:
+        assert entry.source is not None
+        h = hashlib.sha256()
+        seen = 0
+        with open(entry.source, "rb") as f:
+            while True:
+                room = chunk_size - len(buf)
+                data = f.read(room)
+                if data:
+                    h.update(data)
+                    items.append((entry.path, seen, len(data)))
+                    buf += data
+                    seen += len(data)
+                if len(buf) >= chunk_size:
+                    yield items, bytes(buf)
+                    items, buf = [], bytearray()
+                    continue
+                if not data:
+                    break
+        if seen != entry.size:
+            raise changed_error(entry, seen)
+        entry.sha256 = h.hexdigest()
+    if items:
+        yield items, bytes(buf)
+
+
+def sink_name(job_id: str, opts: Options) -> str:
+    """One sink per job and sink settings (targets with other settings get their own)."""
+    return f"{SINK_PREFIX}-{job_id}-{opts.sink_slots}-{opts.idle_timeout:g}"
+
+
+#: The driver keeps a handle on each sink it creates: an actor whose handles are all gone is
+#: destroyed, and the sink must live as long as the driver (and no longer).
+_SINKS: dict[tuple[str, str], Any] = {}
+
+
+def get_or_create_sink(opts: Options) -> Any:
+    """On the driver: the sink actor for these settings, pinned to this node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ctx = ray.get_runtime_context()
+    key = (ctx.gcs_address, sink_name(ctx.get_job_id(), opts))
+    sink = _SINKS.get(key)
+    if sink is None:
+        sink = _SINKS[key] = (
+            ray.remote(HostSink)
+            .options(
+                name=key[1],
+                namespace=ctx.namespace,
+                get_if_exists=True,
+                num_cpus=0,
+                max_concurrency=1000,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ctx.get_node_id(), soft=False),
+            )
+            .remote(opts.sink_slots, opts.idle_timeout)
+        )
+    return sink
+
+
+@dataclass
+class Location:
+    """Where a committed run lives on the driver's machine."""
+
+    path: str
+
+
+class HostSyncBackend:
+    """Streams each call's files through the object store to the driver's machine."""
+
+    name = "host"
+    schemes = ("host",)
+    default = False
+    capabilities = Capabilities(atomic_rename=True, read_back=True, needs_driver=True)
+
+    def check(self, target: Target) -> None:
+        Options.parse(target.options)
+        if not target.path.strip("/"):
+            raise ConfigError("host:// needs a path", hint="e.g. host://artifacts/runs/{run_id}")
+
+    def prepare(self, target: Target) -> Mapping[str, str]:
+        opts = Options.parse(target.options)
+        root = Path(target.local_path(target.root or "."))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DestinationError(f"cannot create {root}: {e}", uri=f"host://{root}") from e
+        if not ray.is_initialized():
+            return {"root": str(root)}
+        sink = get_or_create_sink(opts)
+        ray.get(sink.allow.remote(str(root)))
+        ctx = ray.get_runtime_context()
+        return {
+            "root": str(root),
+            "sink": sink_name(ctx.get_job_id(), opts),
+            "namespace": ctx.namespace,
+        }
+
+    def export(self, request: ExportRequest) -> ExportOutcome:
+        opts = Options.parse(request.target.options)
+        dest = Path(request.target.local_path())
+        uri = f"host://{dest}"
+        name = request.prepared.get("sink")
+        if not name or not ray.is_initialized():
+            raise DestinationError(
+                "host:// needs Ray: the driver's sink actor receives the files",
+                uri=uri,
+                hint="call ray.init() before decorating or calling the function",
+            )
+        try:
+            sink = ray.get_actor(name, namespace=request.prepared.get("namespace"))
+        except ValueError as e:
+            raise self._gone(request, uri) from e
+        sid = None
+        try:
+            sid = ray.get(sink.open.remote(str(dest), request.task_id, request.conflict))
+            in_flight: deque[Any] = deque()
+            for items, data in chunks(request.files, opts.chunk_size):
+                in_flight.append(sink.write.remote(sid, items, [ray.put(data)]))
+                del data
+                if len(in_flight) >= opts.window:
+                    ray.get(in_flight.popleft())
+            ray.get(list(in_flight))
+            committed = ray.get(sink.commit.remote(sid, request.manifest.to_bytes()))
+        except ray.exceptions.RayTaskError as e:
+            if sid is not None:
+                sink.abort.remote(sid)
+            if isinstance(e.cause, RaySyncError):
+                raise e.cause from None
+            raise
+        except ray.exceptions.RayActorError as e:
+            raise self._gone(request, uri) from e
+        except BaseException:
+            if sid is not None:
+                sink.abort.remote(sid)
+            raise
+        return ExportOutcome(
+            uri=f"host://{committed}",
+            payload=Location(committed),
+        )
+
+    def _gone(self, request: ExportRequest, uri: str) -> ExportError:
+        return ExportError(
+            "the driver's sink actor is gone (did the driver exit?)",
+            backend=self.name,
+            uri=uri,
+            workspace=str(request.workspace),
+            hint="keep the driver running until its tasks finish; the files are kept on this node",
+        )
+
+    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+        loc = result.payload
+        src = Path(loc.path) if isinstance(loc, Location) else Path(result.uri[len("host://") :])
+        committed = read_committed(src, uri=result.uri)
+        if committed is None:
+            raise MaterializeError(
+                f"no committed run at {src} on this machine",
+                hint="host:// runs live on the driver's machine: materialize there",
+            )
+        if committed.run.get("task_id") != result.manifest.run.get("task_id"):
+            raise IntegrityError(
+                "the run at this path was replaced by another call",
+                uri=result.uri,
+                bad=[MANIFEST_NAME],
+            )
+        if src.resolve() == dest.resolve():
+            return
+        place_files(
+            dest,
+            committed.files,
+            lambda f: read_path_chunks(safe_join(src, f.path)),
+            uri=result.uri,
+            overwrite=overwrite,
+        )
+
+
+@raysync.hookimpl
+def raysync_register_backends(register: raysync.RegisterBackend) -> None:
+    register(HostSyncBackend())

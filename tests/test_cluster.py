@@ -1,0 +1,137 @@
+"""On a two-node cluster whose second node cannot see the host's files (CRAFT.md): the seed's
+validation (§4.3), bringing files home without shared storage, and refusing invisible paths."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from raysync import isolated_export
+from raysync.errors import DestinationNotVisibleError
+from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
+from tests.conftest import Node2, files_under, s3_options
+
+
+def seed_probe(host_cwd: str) -> dict[str, Any]:
+    """What the seed's meta_ray_test checks from inside a call, and the files it writes."""
+    Path("export/report.txt").write_text(f"from {ray.get_runtime_context().get_node_id()}")
+    Path("artifacts/model.bin").write_bytes(random.Random(1).randbytes(300_000))
+    return {
+        "cwd": os.getcwd(),
+        "host_cwd_exists": os.path.exists(host_cwd),
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
+
+
+def check_seed(value: dict[str, Any], host: Path, node2: Node2) -> None:
+    assert value["node_id"] == node2.node_id
+    assert value["cwd"] != str(host) and not value["cwd"].startswith(str(host))
+    assert value["host_cwd_exists"] is False  # the host's directory does not exist there
+
+
+def test_seed_validation_on_node2_files_come_home_by_host_sync_value_and_s3(
+    node2: Node2, host: Path, moto_endpoint: str, bucket: str
+) -> None:
+    # 1. host-sync: straight into the host's artifacts/ folder, no shared storage.
+    @ray.remote(**node2.options)
+    @isolated_export("host://artifacts/runs/{run_id}")
+    def by_host(run_id: str, host_cwd: str) -> dict[str, Any]:
+        return seed_probe(host_cwd)
+
+    r = ray.get(by_host.remote("h1", str(host)))
+    check_seed(r.value, host, node2)
+    run = host / "artifacts" / "runs" / "h1"
+    assert r.uri == f"host://{run}"
+    verify_files(Manifest.from_bytes((run / MANIFEST_NAME).read_bytes()), run, uri=r.uri)
+    assert set(files_under(run)) == {"artifacts/model.bin", MANIFEST_NAME, "export/report.txt"}
+
+    # 2. return-by-value: the files travel in the result; the driver writes them home.
+    @ray.remote(**node2.options)
+    @isolated_export(None)
+    def by_value(host_cwd: str) -> dict[str, Any]:
+        return seed_probe(host_cwd)
+
+    rv = ray.get(by_value.remote(str(host)))
+    check_seed(rv.value, host, node2)
+    out = rv.materialize(host / "artifacts" / "by-value")
+    assert files_under(out)["artifacts/model.bin"] == random.Random(1).randbytes(300_000)
+
+    # 3. fsspec to the S3 API (moto on loopback), read back into the host's artifacts/.
+    @ray.remote(**node2.options)
+    @isolated_export(f"s3://{bucket}/runs/{{run_id}}", storage_options=s3_options(moto_endpoint))
+    def by_s3(run_id: str, host_cwd: str) -> dict[str, Any]:
+        return seed_probe(host_cwd)
+
+    rs = ray.get(by_s3.remote("s1", str(host)))
+    check_seed(rs.value, host, node2)
+    out = rs.materialize(host / "artifacts" / "from-s3")
+    assert files_under(out)["export/report.txt"] == f"from {node2.node_id}".encode()
+
+
+def test_a_host_path_is_refused_on_node2_and_nothing_lands_on_its_disk(
+    node2: Node2, host: Path
+) -> None:
+    @ray.remote
+    def exists_on_node2(path: str) -> bool:
+        return os.path.exists(path)
+
+    for uri in ("artifacts/local/{run_id}", f"rsync://{host}/artifacts/rsync/{{run_id}}"):
+
+        @ray.remote(max_retries=0, **node2.options)
+        @isolated_export(uri)
+        def run(run_id: str) -> None:
+            Path("export/result.txt").write_text("precious")
+
+        with pytest.raises(DestinationNotVisibleError) as info:
+            ray.get(run.remote("n2"))
+        assert "not visible on this node" in str(info.value)
+        # Nothing was created on node 2's own disk at the host's path...
+        assert not ray.get(exists_on_node2.options(**node2.options).remote(str(host)))
+        # ...and the run is not on the host either (it never got there).
+        assert not list(host.rglob("n2"))
+
+
+def test_32_tasks_over_both_nodes_to_host_sync_memory_stays_bounded(
+    node2: Node2, host: Path
+) -> None:
+    chunk, slots = 256 * 1024, 2
+    options = {"chunk_size": chunk, "window": 2, "sink_slots": slots}
+
+    def body(i: int, j: int) -> bytes:
+        return random.Random(i * 1000 + j).randbytes(1000 + (i * 37 + j * 11) % 9000)
+
+    @isolated_export("host://fleet/{i}", storage_options=options)
+    def work(i: int) -> str:
+        for j in range(200):
+            d = Path(f"data/{j % 7}")
+            d.mkdir(exist_ok=True)
+            (d / f"f{j}.bin").write_bytes(body(i, j))
+        return ray.get_runtime_context().get_node_id()
+
+    on_node2 = ray.remote(**node2.options)(work)
+    on_head = ray.remote(resources={})(work)
+    refs = [(on_node2 if i % 2 else on_head).remote(i) for i in range(32)]
+    results = ray.get(refs, timeout=600)
+    assert {r.value for r in results} == {node2.node_id, node2.driver_node_id}
+    for i, r in enumerate(results):
+        run = host / "fleet" / str(i)
+        got = files_under(run)
+        manifest = Manifest.from_bytes(got.pop(MANIFEST_NAME))
+        assert manifest.run["task_id"] == r.manifest.run["task_id"]
+        assert got == {f"data/{j % 7}/f{j}.bin": body(i, j) for j in range(200)}  # exactly its own
+    sink = ray.get_actor(raysync_sink_name(options), namespace=ray.get_runtime_context().namespace)
+    stats = ray.get(sink.stats.remote())
+    assert stats["received"] >= sum(r.stats.bytes for r in results)
+    assert 0 < stats["peak_held"] <= slots * chunk  # the stated bound, whatever the senders
+    assert stats["sessions"] == 0 and stats["held"] == 0
+
+
+def raysync_sink_name(options: dict[str, Any]) -> str:
+    from raysync_builtins.host import Options, sink_name
+
+    return sink_name(ray.get_runtime_context().get_job_id(), Options.parse(options))
