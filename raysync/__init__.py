@@ -2,7 +2,7 @@
 
 Public API::
 
-    from raysync import isolated_export, ExportResult, collect, current_workspace
+    from raysync import isolated_export, ExportResult, collect, current_workspace, runtime_env
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from raysync.decorator import isolated_export
 from raysync.errors import RaySyncError
 from raysync.hookspecs import ExportBackend, hookimpl
 from raysync.manifest import FileEntry, Manifest
+from raysync.project import runtime_env
 from raysync.registry import get_registry, register_backend
 from raysync.result import ExportResult, ExportStats, collect
 from raysync.target import Target
@@ -51,4 +52,5 @@ __all__ = [
     "hookimpl",
     "isolated_export",
     "register_backend",
+    "runtime_env",
 ]

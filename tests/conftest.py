@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,6 +74,8 @@ def stop_node2() -> None:
         return
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pgid, os.WNOHANG)  # reap the group leader, our child (else a zombie)
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:

@@ -135,3 +135,118 @@ def raysync_sink_name(options: dict[str, Any]) -> str:
     from raysync_builtins.host import Options, sink_name
 
     return sink_name(ray.get_runtime_context().get_job_id(), Options.parse(options))
+
+
+TASKS = """
+import os
+from pathlib import Path
+import ray
+from raysync import isolated_export
+
+@ray.remote(resources={"node2": 1})
+@isolated_export("host://artifacts/{run_id}")
+def run(run_id):
+    Path("export/out.txt").write_text(run_id)
+    return os.getcwd()
+"""
+
+DRIVER = """
+import json, os, sys
+import ray
+import tasks  # an importable module, decorated here, before ray.init()
+
+os.chdir(sys.argv[1])  # the driver's cwd at ray.init is what relative paths mean
+ray.init(address=sys.argv[3], _node_ip_address="127.0.0.2",
+         runtime_env={"working_dir": sys.argv[2]}, log_to_driver=False)
+r = ray.get(tasks.run.remote("r1"), timeout=300)
+print(json.dumps({"uri": r.uri, "cwd": r.value}))
+"""
+
+
+def test_module_decorated_before_ray_init_sends_node2_files_to_the_drivers_cwd(
+    node2: Node2, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    code, host = tmp_path / "code", tmp_path / "driver-cwd"
+    code.mkdir()
+    host.mkdir()
+    (code / "tasks.py").write_text(TASKS)
+    (code / "driver.py").write_text(DRIVER)
+    gcs = ray.get_runtime_context().gcs_address
+    proc = subprocess.run(
+        [sys.executable, str(code / "driver.py"), str(host), str(code), gcs],
+        cwd=code,  # the cwd at import (decoration) time is NOT what relative paths mean
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(code)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["uri"] == f"host://{host / 'artifacts' / 'r1'}"
+    assert not out["cwd"].startswith(str(tmp_path))  # it ran on node 2, in its workspace
+    assert files_under(host / "artifacts" / "r1")["export/out.txt"] == b"r1"
+    assert not (code / "artifacts").exists()
+
+
+RUNTIME_ENV_DRIVER = """
+import json, sys
+import ray
+import raysync
+
+env = raysync.runtime_env(sys.argv[1])
+built = json.loads(json.dumps(env))  # ray.init rewrites working_dir to the uploaded package
+ray.init(address=sys.argv[2], _node_ip_address="127.0.0.2", runtime_env=env, log_to_driver=False)
+
+@ray.remote(resources={"node2": 1})
+def look():
+    import os, pluggy, helper
+    seen = sorted(os.path.relpath(os.path.join(d, f)) for d, _, fs in os.walk(".") for f in fs)
+    return {"seen": seen, "helper": helper.VALUE, "pluggy": pluggy.__name__}
+
+print(json.dumps({"env": built, "task": ray.get(look.remote(), timeout=600)}))
+"""
+
+
+def test_runtime_env_helper_is_accepted_by_ray_init_and_excludes_what_it_promises(
+    node2: Node2, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    project = tmp_path / "proj"
+    for rel, text in {
+        "pyproject.toml": '[project]\nname = "p"\nversion = "0"\ndependencies = ["pluggy>=1"]\n',
+        "helper.py": "VALUE = 42\n",
+        "src/data/keep.txt": "inputs below the top level stay",
+        "export/old.txt": "an earlier run's output",
+        "data/old.bin": "output",
+        "artifacts/old.txt": "output",
+        "env1/pyvenv.cfg": "home = /usr/bin\n",
+        "env1/lib/big.py": "x = 1\n",
+        ".git/HEAD": "ref: refs/heads/main\n",
+        "pkg/__pycache__/m.cpython-311.pyc": "",
+    }.items():
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text(text)
+    (tmp_path / "driver.py").write_text(RUNTIME_ENV_DRIVER)
+    gcs = ray.get_runtime_context().gcs_address
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "driver.py"), str(project), gcs],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["env"]["pip"] == ["pluggy>=1"]  # from [project.dependencies]
+    assert out["env"]["working_dir"] == str(project)
+    # On node 2 (which cannot see the project): code and inputs are there, nothing else.
+    assert out["task"]["helper"] == 42 and out["task"]["pluggy"] == "pluggy"
+    assert sorted(out["task"]["seen"]) == ["helper.py", "pyproject.toml", "src/data/keep.txt"]
