@@ -65,6 +65,21 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from raysync.doctor import main as doctor_main
+
+    return doctor_main(
+        args.uri,
+        address=args.address,
+        storage_options=args.storage_options,
+        backend=args.backend,
+        working_dir=args.working_dir,
+        node_ip_address=args.node_ip_address,
+        timeout=args.timeout,
+        as_json=args.json,
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
     from raysync.demo import main as demo_main
 
@@ -86,6 +101,28 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("verify", help="re-hash a committed run against its manifest")
     p.add_argument("uri", help="a local run directory or file:// URI")
     p.set_defaults(func=_verify)
+    p = sub.add_parser(
+        "doctor",
+        help="check isolation and the destination on every node of a running cluster",
+        description="On every alive node, run one probe call that must be isolated, export "
+        "a small run to URI (default: return-by-value) and read back verified. Exit 0 when "
+        "every node passes, 1 when one fails, 2 on a configuration error.",
+    )
+    p.add_argument("uri", nargs="?", help="the output_uri to check (as in @isolated_export)")
+    p.add_argument("--address", help="the cluster to connect to (default: auto)")
+    p.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help="storage_options as a JSON object (prefer credentials from the environment)",
+    )
+    p.add_argument("--backend", help="a backend name, as isolated_export(backend=...)")
+    p.add_argument(
+        "--working-dir", help="ship this project as the runtime_env working_dir (no pip)"
+    )
+    p.add_argument("--node-ip-address", help="this machine's Ray node address, if not inferred")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds for all probes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_doctor)
     p = sub.add_parser("demo", help="run the demo pipeline on a local Ray")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_demo)

@@ -43,7 +43,8 @@ class Workspace:
     """A call's private directory. Use :func:`raysync.current_workspace` inside a call."""
 
     root: Path
-    source: Path
+    #: The directory whose entries are linked in; None when the worker's cwd does not exist.
+    source: Path | None
     trees: tuple[str, ...]
 
     @property
@@ -101,20 +102,37 @@ def _has_working_dir() -> bool:
         return False
 
 
-def _warn_no_working_dir(source: Path) -> None:
+def _warn_no_working_dir(source: Path | None) -> None:
     global _warned_no_working_dir
     with _warn_lock:
         if _warned_no_working_dir:
             return
         _warned_no_working_dir = True
+    if source is None:
+        where = (
+            "in a directory that does not exist on this node (the driver's files are not "
+            "here). It runs in an empty private workspace"
+        )
+    else:
+        where = (
+            f"in {source} (the driver's directory on a single node, absent on other nodes). "
+            "It runs in a private workspace that links to that directory; nothing is written "
+            "into it"
+        )
     warnings.warn(
-        f"raysync: this task has no runtime_env working_dir, so it started in {source} "
-        "(the driver's directory on a single node, absent on other nodes). It runs in a "
-        "private workspace that links to that directory; nothing is written into it. Set "
-        "runtime_env={'working_dir': '.'} for a cluster-ready job.",
+        f"raysync: this task has no runtime_env working_dir, so it started {where}. Set "
+        "runtime_env={'working_dir': '.'} (or raysync.runtime_env()) for a cluster-ready job.",
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def _cwd() -> Path | None:
+    """The process cwd, or None when it was deleted (or never existed on this node)."""
+    try:
+        return Path(os.getcwd())
+    except FileNotFoundError:
+        return None
 
 
 def _base_dir() -> Path:
@@ -129,23 +147,24 @@ def _base_dir() -> Path:
 
 def create(call_id: str, trees: Sequence[str], source: Path | None = None) -> Workspace:
     """Make a fresh workspace for one call; ``source`` defaults to the process cwd."""
-    src = Path(source or os.getcwd())
+    src = source or _cwd()
     if not _has_working_dir():
         _warn_no_working_dir(src)
     root = _base_dir() / f"{call_id}-{uuid.uuid4().hex[:8]}"
     root.mkdir(parents=True)
     heads = {t.split("/", 1)[0] for t in trees}
-    for tree in heads:
-        existing = src / tree
-        if existing.exists() and not existing.is_dir():
-            raise TreeError(
-                f"output tree {tree!r} is a file in the working directory {src}",
-                hint=f"rename {existing.name} or choose other trees= for isolated_export",
-            )
-    with os.scandir(src) as it:
-        for entry in it:
-            if entry.name not in heads:
-                os.symlink(entry.path, root / entry.name)
+    if src is not None:
+        for tree in heads:
+            existing = src / tree
+            if existing.exists() and not existing.is_dir():
+                raise TreeError(
+                    f"output tree {tree!r} is a file in the working directory {src}",
+                    hint=f"rename {existing.name} or choose other trees= for isolated_export",
+                )
+        with os.scandir(src) as it:
+            for entry in it:
+                if entry.name not in heads:
+                    os.symlink(entry.path, root / entry.name)
     for tree in trees:
         (root / tree).mkdir(parents=True, exist_ok=True)
     return Workspace(root=root, source=src, trees=tuple(trees))
@@ -169,7 +188,7 @@ def activated(ws: Workspace, extra_env: Mapping[str, str], *, chdir: bool) -> It
         finally:
             _current.reset(token)
         return
-    old_cwd = os.getcwd()
+    old_cwd = _cwd()
     new_env = ws.env(extra_env)
     old_env = {k: os.environ.get(k) for k in new_env}
     old_bytecode = sys.dont_write_bytecode
@@ -179,7 +198,8 @@ def activated(ws: Workspace, extra_env: Mapping[str, str], *, chdir: bool) -> It
     try:
         yield
     finally:
-        os.chdir(old_cwd)
+        # A cwd that did not exist cannot be restored: the workspaces' dir is the next best.
+        os.chdir(old_cwd if old_cwd is not None else ws.root.parent)
         sys.dont_write_bytecode = old_bytecode
         for k, v in old_env.items():
             if v is None:

@@ -128,6 +128,7 @@ def start_node2(hide: list[Path]) -> str:
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        cwd="/",  # as `ray start` on a real node, from a directory that exists there
         env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},
     )
     os.environ[_NODE2_VAR] = json.dumps({"pgid": proc.pid, "gcs": gcs})

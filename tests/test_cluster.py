@@ -250,3 +250,52 @@ def test_runtime_env_helper_is_accepted_by_ray_init_and_excludes_what_it_promise
     # On node 2 (which cannot see the project): code and inputs are there, nothing else.
     assert out["task"]["helper"] == 42 and out["task"]["pluggy"] == "pluggy"
     assert sorted(out["task"]["seen"]) == ["helper.py", "pyproject.toml", "src/data/keep.txt"]
+
+
+def doctor(cwd: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysync", "doctor", *args, "--json"]
+        + ["--address", ray.get_runtime_context().gcs_address, "--node-ip-address", "127.0.0.2"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    report = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
+    return proc.returncode, report, proc.stderr
+
+
+def test_doctor_passes_host_sync_and_s3_on_both_nodes_and_fails_node2_for_a_host_path(
+    node2: Node2, tmp_path: Path, moto_endpoint: str, bucket: str
+) -> None:
+    import json
+
+    cwd = tmp_path / "driver"
+    cwd.mkdir()
+    (cwd / "main.py").write_text("print('a project')\n")
+    nodes = {node2.node_id, node2.driver_node_id}
+
+    code, report, err = doctor(cwd, "host://doctor-out", "--working-dir", ".")
+    assert code == 0, (report, err[-2000:])
+    assert {r["node_id"] for r in report["nodes"]} == nodes
+    assert all(r["isolated"] and r["exported"] and r["verified"] for r in report["nodes"])
+    by_node = {r["node_id"]: r for r in report["nodes"]}
+    assert by_node[node2.node_id]["host_cwd_visible"] is False  # node 2 cannot see the driver
+    assert len(list((cwd / "doctor-out" / ".raysync-doctor").iterdir())) == 2  # a probe each
+
+    opts = json.dumps(s3_options(moto_endpoint))
+    code, report, err = doctor(cwd, f"s3://{bucket}/doctor", "--storage-options", opts)
+    assert [r["ok"] for r in report["nodes"]] == [True, True], [r["problem"] for r in report["nodes"]]
+
+    code, report, err = doctor(cwd, "only-here/{run_id}")
+    assert code == 1
+    by_node = {r["node_id"]: r for r in report["nodes"]}
+    assert by_node[node2.driver_node_id]["ok"] is True
+    bad = by_node[node2.node_id]
+    assert bad["ok"] is False and bad["exported"] is False
+    assert "not visible on this node" in bad["problem"] and "mount" in bad["fix"]

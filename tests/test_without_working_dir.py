@@ -50,3 +50,27 @@ def test_calls_without_working_dir_are_isolated_and_warn_once(
     assert r["files"] == [["export/out-0.txt"], ["export/out-1.txt"]]
     assert len(r["warnings"]) == 1 and "runtime_env" in r["warnings"][0]
     assert snapshot(project) == before  # no output tree was written into the host project
+
+
+def test_a_worker_whose_cwd_does_not_exist_gets_an_empty_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on a node where the raylet started in a directory that is not there (or was
+    # deleted): os.getcwd() fails; the call still gets its workspace, with nothing linked.
+    from raysync import workspace
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        ws = workspace.create("t-0", ("export", "data"))
+    assert ws.source is None
+    assert sorted(p.name for p in ws.root.iterdir()) == ["data", "export"]
+    with workspace.activated(ws, {}, chdir=True):
+        assert os.getcwd() == str(ws.root)
+        Path("export/x.txt").write_text("x")
+    assert os.getcwd() == str(ws.root.parent)  # the old cwd cannot be restored
+    assert (ws.root / "export" / "x.txt").read_text() == "x"
+    workspace.remove(ws)
