@@ -14,7 +14,7 @@ import ray
 from raysync import isolated_export
 from raysync.errors import DestinationNotVisibleError
 from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
-from tests.conftest import Node2, files_under, s3_options
+from tests.conftest import NODE_IP, Node2, files_under, s3_options
 
 
 def seed_probe(host_cwd: str) -> dict[str, Any]:
@@ -257,9 +257,9 @@ def doctor(cwd: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     import subprocess
     import sys
 
+    connect = ["--address", ray.get_runtime_context().gcs_address, "--node-ip-address", NODE_IP]
     proc = subprocess.run(
-        [sys.executable, "-m", "raysync", "doctor", *args, "--json"]
-        + ["--address", ray.get_runtime_context().gcs_address, "--node-ip-address", "127.0.0.2"],
+        [sys.executable, "-m", "raysync", "doctor", *args, "--json", *connect],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -290,7 +290,9 @@ def test_doctor_passes_host_sync_and_s3_on_both_nodes_and_fails_node2_for_a_host
 
     opts = json.dumps(s3_options(moto_endpoint))
     code, report, err = doctor(cwd, f"s3://{bucket}/doctor", "--storage-options", opts)
-    assert [r["ok"] for r in report["nodes"]] == [True, True], [r["problem"] for r in report["nodes"]]
+    assert [r["ok"] for r in report["nodes"]] == [True, True], [
+        r["problem"] for r in report["nodes"]
+    ]
 
     code, report, err = doctor(cwd, "only-here/{run_id}")
     assert code == 1
