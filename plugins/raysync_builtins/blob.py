@@ -40,7 +40,7 @@ from raysync.errors import (
     RaySyncError,
     RunExistsError,
 )
-from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
 from raysync.result import ExportResult, place_files
 from raysync.target import Target, redact
 
@@ -258,21 +258,28 @@ class BlobBackend:
         shown = redact(uri)
         conditional = request.target.scheme in CONDITIONAL
         replace = self._claim(fs, run, request, opts, conditional=conditional, shown=shown)
-        self._upload_all(fs, run, request, opts, shown)
-        data = request.manifest.to_bytes()
         manifest_path = f"{run}/{MANIFEST_NAME}"
         try:
+            self._upload_all(fs, run, request, opts, shown)
+            data = request.manifest.to_bytes()
             with_retries(
                 "writing the manifest",
                 lambda: put(fs, manifest_path, data, create=conditional and not replace),
                 opts,
             )
         except FileExistsError as e:
+            self._release(fs, run, opts, remove_data=False)
             raise RunExistsError(
                 "another call committed this run first",
                 uri=shown,
                 hint="give each call its own output_uri (e.g. add {task_id})",
             ) from e
+        except BaseException:
+            # Nothing was committed: give the run back (our objects and the lock), so that a
+            # retry or another call can take it. When replacing a committed run, its objects
+            # are left as they are (see docs/backends.md on overwriting) and only the lock goes.
+            self._release(fs, run, opts, remove_data=not replace)
+            raise
         self._clean(fs, run, request.manifest, opts)
         return ExportOutcome(uri=uri, payload=Location(uri, dict(request.target.options)))
 
@@ -321,6 +328,8 @@ class BlobBackend:
     def _upload_all(
         self, fs: Any, run: str, request: ExportRequest, opts: Options, shown: str
     ) -> None:
+        for e in request.files:
+            check_relpath(e.path)  # never a key outside the run (zip-slip)
         budget = ByteBudget(opts.upload_bytes_in_flight)
         failed: dict[str, BaseException] = {}
         # Large files on S3 send several parts at once, from a pool of their own (a file's
@@ -495,6 +504,24 @@ class BlobBackend:
             except Exception as e:  # noqa: BLE001 - the real error is the one raised below
                 log.warning("raysync: could not abort the multipart upload of %s: %s", key, e)
             raise
+
+    @staticmethod
+    def _release(fs: Any, run: str, opts: Options, *, remove_data: bool) -> None:
+        """After a failed export: delete what it wrote under the run (or only its lock)."""
+        try:
+            if remove_data:
+                paths = [p for p in fs.find(run) if not p.endswith("/" + MANIFEST_NAME)]
+            else:
+                paths = [f"{run}/{LOCK_NAME}"]
+            if paths:
+                with_retries("releasing the run", lambda: fs.rm(paths), opts)
+        except Exception as e:  # noqa: BLE001 - the export's own error is the one to raise
+            log.warning(
+                "raysync: could not release the run after a failed export (%s); delete %s "
+                "under it before retrying with another task",
+                e,
+                LOCK_NAME,
+            )
 
     @staticmethod
     def _clean(fs: Any, run: str, manifest: Manifest, opts: Options) -> None:

@@ -505,6 +505,9 @@ class RsyncBackend:
         args = [
             "-a",
             "--copy-links",  # the source dir holds symlinks to the workspace files
+            # Never trust size + mtime: a retried call may write different bytes of the same
+            # size within the same second. Files already there are delta-transferred.
+            "--ignore-times",
             "--delete",
             f"--partial-dir={PARTIAL_DIR}",
         ]

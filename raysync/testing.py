@@ -1,0 +1,233 @@
+"""The backend conformance suite: the guarantees every raysync backend keeps, as pytest tests.
+
+Subclass :class:`BackendConformance` in your backend's tests, name the backend and give the
+``conformance_target`` fixture; pytest then runs every ``test_*`` below against it::
+
+    import pytest
+    from raysync.testing import BackendConformance, ConformanceTarget
+
+    class TestMyBackend(BackendConformance):
+        backend_name = "mine"
+
+        @pytest.fixture
+        def conformance_target(self, tmp_path):
+            return ConformanceTarget(uri=f"mine://{tmp_path}/runs/{{run}}")
+
+The tests drive the backend through its hooks (``check``, ``prepare``, ``export``,
+``materialize``) exactly as the core does, without Ray, so they run in milliseconds per
+backend (a backend that needs Ray itself, such as host-sync, starts it in its fixture).
+What they check: a round trip is byte for byte with every sha256 recorded; a failed export
+commits nothing; paths that would escape the destination are refused; the conflict policy
+(``error``, a retry of the same task replaces, ``overwrite``); unknown options fail in
+``check``; ``materialize`` never silently overwrites different files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raysync.backend import ExportRequest
+from raysync.errors import ConfigError, MaterializeError, RaySyncError, RunExistsError
+from raysync.hookspecs import ExportBackend
+from raysync.manifest import FileEntry, Manifest, scan
+from raysync.registry import get_registry
+from raysync.result import ExportResult, ExportStats
+from raysync.target import Target, split_scheme
+
+__all__ = ["BackendConformance", "ConformanceTarget"]
+
+
+@dataclass
+class ConformanceTarget:
+    """Where the suite exports to.
+
+    ``uri`` is an output_uri template with a ``{run}`` field (each test uses fresh runs);
+    ``base_dir`` plays the driver's cwd for relative paths; ``has_destination`` is False for
+    backends that return files in the result (no destination, so no conflicts to check).
+    """
+
+    uri: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    base_dir: Path | None = None
+    has_destination: bool = True
+    #: A storage option ``check`` must refuse (backends that pass options through to a
+    #: library may name one of their own, e.g. fsspec's ``upload_*`` namespace).
+    bad_option: Mapping[str, Any] = field(default_factory=lambda: {"no_such_option_xyz": 1})
+
+
+def _files() -> dict[str, bytes]:
+    blob = hashlib.sha256(b"raysync").digest()
+    return {
+        "export/a.txt": b"alpha\n",
+        "export/nested/deeper/b.bin": blob * 70_000,  # 2.2 MB: more than one chunk anywhere
+        "export/with space.txt": b"spaces are fine",
+        "data/empty.txt": b"",
+        "artifacts/model.json": b'{"loss": 0.12}',
+    }
+
+
+class BackendConformance:
+    """Every backend passes these; subclass with ``backend_name`` and ``conformance_target``."""
+
+    #: The registered name of the backend under test.
+    backend_name: str = ""
+
+    @pytest.fixture
+    def conformance_target(self, tmp_path: Path) -> ConformanceTarget:
+        raise NotImplementedError("override the conformance_target fixture in your subclass")
+
+    # -- helpers -----------------------------------------------------------------------------
+    def backend(self) -> ExportBackend:
+        return get_registry().by_name(self.backend_name)
+
+    def target(self, ct: ConformanceTarget, run: str | None = None) -> Target:
+        uri = ct.uri if run is None else ct.uri.replace("{run}", run)
+        return Target(uri, split_scheme(uri)[0], dict(ct.storage_options), _str(ct.base_dir))
+
+    def workspace(self, root: Path, files: Mapping[str, bytes]) -> Path:
+        ws = root / f"ws-{uuid.uuid4().hex[:8]}"
+        for rel, data in files.items():
+            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+            (ws / rel).write_bytes(data)
+        for tree in ("export", "data", "artifacts"):
+            (ws / tree).mkdir(parents=True, exist_ok=True)
+        return ws
+
+    def export(
+        self,
+        ct: ConformanceTarget,
+        ws: Path,
+        run: str,
+        *,
+        task_id: str = "task-1",
+        conflict: str = "error",
+        files: list[FileEntry] | None = None,
+    ) -> ExportResult:
+        """What the core does for one call: prepare (driver), export (worker)."""
+        backend = self.backend()
+        prepared = backend.prepare(self.target(ct)) if backend.capabilities.needs_driver else {}
+        entries = scan(ws, ["export", "data", "artifacts"]) if files is None else files
+        manifest = Manifest(
+            files=entries, run={"task_id": task_id, "status": "succeeded"}, trees=["export"]
+        )
+        outcome = backend.export(
+            ExportRequest(
+                target=self.target(ct, run),
+                files=entries,
+                manifest=manifest,
+                workspace=ws,
+                conflict=conflict,  # type: ignore[arg-type]
+                task_id=task_id,
+                prepared=dict(prepared),
+            )
+        )
+        return ExportResult(
+            value=None,
+            uri=outcome.uri,
+            backend=backend.name,
+            manifest=manifest,
+            stats=ExportStats(len(entries), manifest.total_bytes, 0.0, 0.0),
+            payload=outcome.payload,
+            _backend_obj=backend,
+        )
+
+    def run_id(self) -> str:
+        return f"conf-{uuid.uuid4().hex[:10]}"
+
+    # -- the guarantees ----------------------------------------------------------------------
+    def test_round_trip_is_byte_for_byte_with_every_checksum_recorded(
+        self, conformance_target: ConformanceTarget, tmp_path: Path
+    ) -> None:
+        files = _files()
+        result = self.export(conformance_target, self.workspace(tmp_path, files), self.run_id())
+        recorded = {f.path: f.sha256 for f in result.manifest.files}
+        assert recorded == {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}
+        out = result.materialize(tmp_path / "back")
+        got = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert got == files
+
+    def test_materialize_never_silently_overwrites_different_files(
+        self, conformance_target: ConformanceTarget, tmp_path: Path
+    ) -> None:
+        result = self.export(conformance_target, self.workspace(tmp_path, _files()), self.run_id())
+        dest = tmp_path / "back"
+        (dest / "export").mkdir(parents=True)
+        (dest / "export" / "a.txt").write_bytes(b"the user's own file")
+        with pytest.raises(MaterializeError):
+            result.materialize(dest)
+        assert (dest / "export" / "a.txt").read_bytes() == b"the user's own file"
+        result.materialize(dest, overwrite=True)
+        assert (dest / "export" / "a.txt").read_bytes() == b"alpha\n"
+
+    def test_a_failed_export_commits_nothing_and_keeps_the_files(
+        self, conformance_target: ConformanceTarget, tmp_path: Path
+    ) -> None:
+        ws = self.workspace(tmp_path, _files())
+        entries = scan(ws, ["export", "data", "artifacts"])
+        with (ws / "export" / "a.txt").open("ab") as f:  # grows after the scan
+            f.write(b"more")
+        run = self.run_id()
+        with pytest.raises(RaySyncError):
+            self.export(conformance_target, ws, run, files=entries)
+        assert (ws / "export" / "a.txt").read_bytes() == b"alpha\nmore"  # the files are kept
+        if conformance_target.has_destination:
+            # Nothing was committed: another call can still take the run.
+            self.export(conformance_target, ws, run, task_id="task-2")
+
+    def test_paths_that_would_escape_the_destination_are_refused(
+        self, conformance_target: ConformanceTarget, tmp_path: Path
+    ) -> None:
+        ws = self.workspace(tmp_path, {"export/ok.txt": b"ok"})
+        evil = ws / "evil.txt"
+        evil.write_bytes(b"evil")
+        entries = [
+            *scan(ws, ["export"]),
+            FileEntry(path="../escape.txt", size=4, mode=0o644, source=evil),
+        ]
+        dest = tmp_path / "back" / "inner"
+        try:
+            result = self.export(conformance_target, ws, self.run_id(), files=entries)
+        except RaySyncError:
+            return  # refused at export: the right answer
+        with pytest.raises(RaySyncError):
+            result.materialize(dest)  # ...or at the latest when files are placed
+        assert not (tmp_path / "back" / "escape.txt").exists()
+
+    def test_conflict_policy(self, conformance_target: ConformanceTarget, tmp_path: Path) -> None:
+        if not conformance_target.has_destination:
+            pytest.skip("no destination: each result carries its own files")
+        run = self.run_id()
+        self.export(conformance_target, self.workspace(tmp_path, {"export/v.txt": b"1"}), run)
+        second = self.workspace(tmp_path, {"export/v.txt": b"2"})
+        with pytest.raises(RunExistsError):
+            self.export(conformance_target, second, run, task_id="task-2")
+        # A retry of the same task replaces its earlier attempt's run.
+        retry = self.export(conformance_target, second, run, task_id="task-1")
+        assert self._read(retry, tmp_path, "export/v.txt") == b"2"
+        # conflict="overwrite" replaces another call's run.
+        third = self.workspace(tmp_path, {"export/v.txt": b"3", "export/w.txt": b"w"})
+        over = self.export(conformance_target, third, run, task_id="task-3", conflict="overwrite")
+        assert self._read(over, tmp_path, "export/v.txt") == b"3"
+
+    def test_unknown_storage_options_fail_in_check(
+        self, conformance_target: ConformanceTarget
+    ) -> None:
+        options = {**conformance_target.storage_options, **conformance_target.bad_option}
+        bad = ConformanceTarget(conformance_target.uri, options, conformance_target.base_dir)
+        with pytest.raises(ConfigError):
+            self.backend().check(self.target(bad))
+
+    def _read(self, result: ExportResult, tmp_path: Path, rel: str) -> bytes:
+        out = result.materialize(tmp_path / f"read-{uuid.uuid4().hex[:8]}")
+        return (out / rel).read_bytes()
+
+
+def _str(p: Path | None) -> str | None:
+    return None if p is None else str(p)
