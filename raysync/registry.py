@@ -76,9 +76,10 @@ class Registry:
             try:
                 self.register_plugin(ep.load(), name=ep.name, source=source, version=version)
             except Exception as e:  # noqa: BLE001 - one broken plugin must not break the others
+                said = " ".join(str(e).split())  # one line, whatever the error's layout
                 warnings.warn(
                     f"raysync: plugin {ep.name!r} from distribution {source} {version} "
-                    f"could not be loaded and is skipped: {type(e).__name__}: {e}",
+                    f"could not be loaded and is skipped: {type(e).__name__}: {said}",
                     RuntimeWarning,
                     stacklevel=2,
                 )

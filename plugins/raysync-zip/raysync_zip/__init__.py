@@ -1,0 +1,178 @@
+"""raysync-zip: each run as one .zip archive at ``zip+<any fsspec URL>``.
+
+An example of a third-party raysync backend: it lives in its own distribution and is found
+through the ``raysync`` entry-point group (see its pyproject.toml). docs/plugins.md walks
+through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import raysync
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest
+from raysync.copy import CHUNK, changed_error
+from raysync.errors import (
+    ConfigError,
+    IntegrityError,
+    MaterializeError,
+    MissingDependencyError,
+    RunExistsError,
+)
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
+from raysync.result import ExportResult, place_files
+from raysync.target import Target, redact
+
+PREFIX = "zip+"
+COMPRESSION = {"deflated": zipfile.ZIP_DEFLATED, "stored": zipfile.ZIP_STORED}
+LOCAL = {"file", "local"}
+
+
+@dataclass
+class Location:
+    """Where a run's archive is, for reading it back (credentials out of the repr)."""
+
+    uri: str
+    options: dict[str, Any] = field(repr=False)
+
+
+def _split(uri: str, options: Mapping[str, Any]) -> tuple[str, int, dict[str, Any]]:
+    """``zip+s3://b/k.zip`` → (``s3://b/k.zip``, compression, fsspec options)."""
+    inner = uri[len(PREFIX) :]
+    ours = {k: v for k, v in options.items() if k.startswith("zip_")}
+    unknown = sorted(set(ours) - {"zip_compression"})
+    if unknown:
+        raise ConfigError(
+            f"unknown storage_options {unknown} for the zip backend",
+            hint="its own option is zip_compression; others go to fsspec",
+        )
+    name = ours.get("zip_compression", "deflated")
+    if name not in COMPRESSION:
+        raise ConfigError(f"zip_compression must be one of {sorted(COMPRESSION)}, not {name!r}")
+    rest = {k: v for k, v in options.items() if not k.startswith("zip_")}
+    return inner, COMPRESSION[name], rest
+
+
+class ZipBackend:
+    name = "zip"
+    schemes: tuple[str, ...] = ()  # it serves a family of schemes, below
+    default = False
+    capabilities = Capabilities(read_back=True)
+    accepts_description = "zip+<fsspec URL> (zip+s3://bucket/runs/{run_id}.zip, ...)"
+
+    def accepts_scheme(self, scheme: str) -> bool:
+        return scheme.startswith(PREFIX) and len(scheme) > len(PREFIX)
+
+    def check(self, target: Target) -> None:
+        import fsspec
+
+        inner, _, _ = _split(target.uri, target.options)
+        protocol = target.scheme[len(PREFIX) :]
+        if protocol in LOCAL:
+            raise ConfigError(
+                "the zip backend does not write local paths (a worker cannot prove the path "
+                "is the driver's)",
+                hint="use a local path or rsync:// with raysync's built-in backends",
+            )
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as e:
+            raise MissingDependencyError(f"{protocol}://", package=str(e)) from e
+        except ValueError as e:
+            raise ConfigError(f"fsspec does not know the protocol in {inner!r}") from e
+
+    def prepare(self, target: Target) -> Mapping[str, str]:
+        return {}
+
+    @staticmethod
+    def _fs(inner: str, options: Mapping[str, Any]) -> tuple[Any, str]:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(inner, **options)
+        return fs, path
+
+    def _existing(self, fs: Any, path: str, shown: str) -> Manifest | None:
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            return Manifest.from_bytes(zf.read(MANIFEST_NAME), uri=shown)
+
+    def export(self, request: ExportRequest) -> ExportOutcome:
+        uri = request.target.uri
+        inner, compression, options = _split(uri, request.target.options)
+        shown = redact(uri)
+        fs, path = self._fs(inner, options)
+        existing = self._existing(fs, path, shown)
+        if (
+            existing is not None
+            and existing.run.get("task_id") != request.task_id
+            and request.conflict != "overwrite"
+        ):
+            raise RunExistsError(
+                "a committed run already exists here",
+                uri=shown,
+                hint="use another output_uri (e.g. add {task_id}) or conflict='overwrite'",
+            )
+        with tempfile.TemporaryFile(dir=Path(request.workspace).parent) as tmp:
+            with zipfile.ZipFile(tmp, "w", compression=compression) as zf:
+                for entry in request.files:
+                    self._add(zf, entry)
+                # The manifest is the last member: an archive without one is not a run.
+                zf.writestr(MANIFEST_NAME, request.manifest.to_bytes())
+            tmp.seek(0)
+            # One object: on object stores it appears whole or not at all.
+            with fs.open(path, "wb") as out:
+                shutil.copyfileobj(tmp, out, CHUNK)
+        return ExportOutcome(uri=uri, payload=Location(uri, dict(request.target.options)))
+
+    @staticmethod
+    def _add(zf: zipfile.ZipFile, entry: FileEntry) -> None:
+        assert entry.source is not None
+        info = zipfile.ZipInfo(check_relpath(entry.path), time.localtime()[:6])
+        info.compress_type = zf.compression
+        info.external_attr = (entry.mode & 0o7777) << 16
+        h = hashlib.sha256()
+        seen = 0
+        with open(entry.source, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
+            for chunk in iter(lambda: src.read(CHUNK), b""):
+                h.update(chunk)
+                dst.write(chunk)
+                seen += len(chunk)
+        if seen != entry.size:
+            raise changed_error(entry, seen)
+        entry.sha256 = h.hexdigest()
+
+    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+        loc = result.payload
+        if not isinstance(loc, Location):
+            raise MaterializeError("this result does not say where its archive is")
+        inner, _, options = _split(loc.uri, loc.options)
+        shown = redact(loc.uri)
+        fs, path = self._fs(inner, options)
+        if not fs.exists(path):
+            raise MaterializeError(f"{shown} does not exist")
+        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            committed = Manifest.from_bytes(zf.read(MANIFEST_NAME), uri=shown)
+            if committed.run.get("task_id") != result.manifest.run.get("task_id"):
+                raise IntegrityError(
+                    "the archive was replaced by another call", uri=shown, bad=[MANIFEST_NAME]
+                )
+
+            def read(entry: FileEntry) -> Iterator[bytes]:
+                with zf.open(entry.path) as member:
+                    yield from iter(lambda: member.read(CHUNK), b"")
+
+            place_files(dest, committed.files, read, uri=shown, overwrite=overwrite)
+
+
+@raysync.hookimpl
+def raysync_register_backends(register: raysync.RegisterBackend) -> None:
+    register(ZipBackend())
