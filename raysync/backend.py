@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -61,3 +61,48 @@ class ExportOutcome:
     uri: str
     payload: Any = None
     extra_stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run found under a prefix (``raysync ls``).
+
+    ``status``: ``committed`` (a manifest of a call that succeeded), ``failed`` (a manifest of
+    a call that raised, exported with ``export_on_failure``), or ``incomplete`` (data or a
+    staging area without a manifest: an export that is running or died).
+    """
+
+    uri: str
+    status: str
+    files: int | None = None
+    bytes: int | None = None
+    ended_at: str | None = None
+    task_id: str | None = None
+
+    @classmethod
+    def from_manifest(cls, uri: str, manifest: Manifest) -> RunInfo:
+        return cls(
+            uri=uri,
+            status="failed" if manifest.status == "failed" else "committed",
+            files=len(manifest.files),
+            bytes=manifest.total_bytes,
+            ended_at=manifest.run.get("ended_at"),
+            task_id=manifest.run.get("task_id"),
+        )
+
+
+class RunReader:
+    """Reads one run back by URI (``raysync verify`` and ``pull``); backends subclass it.
+
+    ``manifest()`` is ``None`` when there is no committed run at the URI; ``read(entry)``
+    streams one file's bytes.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def manifest(self) -> Manifest | None:
+        raise NotImplementedError
+
+    def read(self, entry: FileEntry) -> Iterator[bytes]:
+        raise NotImplementedError

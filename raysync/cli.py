@@ -1,21 +1,28 @@
-"""The ``raysync`` command (also ``python -m raysync``).
+"""The ``raysync`` command (also ``python -m raysync``): backends, ls, verify, pull, doctor,
+bench, demo. docs/cli.md describes each.
 
-Exit codes: 0 success, 1 a check failed (e.g. ``verify`` found bad files), 2 usage or
-configuration error.
+Exit codes: 0 success, 1 a check failed (``verify`` found bad files, no committed run,
+``doctor`` found a failing node), 2 usage or configuration error.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from raysync.errors import IntegrityError, RaySyncError
-from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
+from raysync.backend import RunInfo, RunReader
+from raysync.errors import ConfigError, IntegrityError, RaySyncError
+from raysync.manifest import FileEntry
 from raysync.registry import get_registry, scheme_label
-from raysync.target import split_scheme
+from raysync.result import place_files
+from raysync.target import Target, redact
 
 
 def _backends(args: argparse.Namespace) -> int:
@@ -41,27 +48,168 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(args: argparse.Namespace) -> int:
-    scheme, path = split_scheme(args.uri)
-    if scheme != "file":
-        print(
-            f"raysync verify: only local runs can be verified yet, not {scheme}://", file=sys.stderr
+def _target(uri: str, storage_options: str | None) -> tuple[Any, Target]:
+    """The backend serving ``uri`` and the target to read, with ``--storage-options``."""
+    try:
+        options = json.loads(storage_options) if storage_options else {}
+    except ValueError as e:
+        raise ConfigError(f"--storage-options is not valid JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise ConfigError("--storage-options must be a JSON object")
+    parsed = Target.parse(uri, options)
+    backend = get_registry().for_scheme(parsed.scheme)
+    backend.check(parsed)
+    # Relative paths are relative to where the command runs.
+    return backend, Target(parsed.uri, parsed.scheme, parsed.options, os.getcwd())
+
+
+def _reader(uri: str, storage_options: str | None, what: str) -> RunReader:
+    backend, target = _target(uri, storage_options)
+    open_run = getattr(backend, "open_run", None)
+    if open_run is None:
+        raise ConfigError(
+            f"backend {backend.name!r} cannot {what} runs by URI",
+            hint="materialize the ExportResult in Python, then verify the local directory",
         )
-        return 2
-    run = Path(path)
-    try:
-        manifest = Manifest.from_bytes((run / MANIFEST_NAME).read_bytes(), uri=args.uri)
-    except FileNotFoundError:
-        print(f"raysync verify: no committed run at {run} (no {MANIFEST_NAME})", file=sys.stderr)
+    reader: RunReader = open_run(target)
+    return reader
+
+
+def _ls(args: argparse.Namespace) -> int:
+    backend, target = _target(args.uri, args.storage_options)
+    list_runs = getattr(backend, "list_runs", None)
+    if list_runs is None:
+        raise ConfigError(f"backend {backend.name!r} cannot list runs")
+    runs: list[RunInfo] = list_runs(target)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in runs], indent=1))
+        return 0
+    if not runs:
+        print(f"no runs under {redact(args.uri)}")
+        return 0
+    print(f"{'status':<11} {'files':>7} {'bytes':>14} {'ended':<29} uri")
+    for r in runs:
+        files = "-" if r.files is None else str(r.files)
+        size = "-" if r.bytes is None else f"{r.bytes:,}"
+        print(f"{r.status:<11} {files:>7} {size:>14} {r.ended_at or '-':<29} {r.uri}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    reader = _reader(args.uri, args.storage_options, "verify")
+    shown = redact(args.uri)
+    manifest = reader.manifest()
+    if manifest is None:
+        return _report(args, {"uri": shown, "ok": False, "error": "no committed run"}, 1)
+    bad: list[str] = []
+    for f in manifest.files:
+        h = hashlib.sha256()
+        size = 0
+        try:
+            for chunk in reader.read(f):
+                h.update(chunk)
+                size += len(chunk)
+        except (OSError, RaySyncError):
+            bad.append(f.path)
+            continue
+        if size != f.size or h.hexdigest() != f.sha256:
+            bad.append(f.path)
+    out = {
+        "uri": shown,
+        "ok": not bad,
+        "files": len(manifest.files),
+        "bytes": manifest.total_bytes,
+        "bad": bad,
+    }
+    if args.json:
+        return _report(args, out, 1 if bad else 0)
+    if bad:
+        print(f"FAILED {shown}: {len(bad)} bad file(s)")
+        for b in bad:
+            print(f"  {b}")
         return 1
+    print(f"OK {shown}: {len(manifest.files)} files, {manifest.total_bytes} bytes verified")
+    return 0
+
+
+def _report(args: argparse.Namespace, out: dict[str, Any], code: int) -> int:
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(f"raysync: {out.get('error')} at {out['uri']}", file=sys.stderr)
+    return code
+
+
+class _Progress:
+    """A progress line on stderr: redrawn in place on a terminal, printed once otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = max(total, 1), label, 0
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.t0 = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.tty and now - self.last > 0.2:
+            self.last = now
+            self._draw(end="\r")
+
+    def _draw(self, end: str) -> None:
+        pct = 100 * self.done / self.total
+        width = 30
+        bar = "#" * int(width * self.done / self.total)
+        rate = self.done / 1e6 / max(time.monotonic() - self.t0, 1e-6)
+        print(
+            f"{self.label} [{bar:<{width}}] {pct:5.1f}% {self.done / 1e6:.1f} MB {rate:.1f} MB/s",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def finish(self) -> None:
+        self._draw(end="\n")
+
+
+def _pull(args: argparse.Namespace) -> int:
+    reader = _reader(args.uri, args.storage_options, "pull")
+    shown = redact(args.uri)
+    manifest = reader.manifest()
+    if manifest is None:
+        return _report(args, {"uri": shown, "ok": False, "error": "no committed run"}, 1)
+    progress = _Progress(manifest.total_bytes, "pulling")
+
+    def read(entry: FileEntry) -> Iterator[bytes]:
+        for chunk in reader.read(entry):
+            progress.add(len(chunk))
+            yield chunk
+
+    dest = Path(args.dest).absolute()
     try:
-        verify_files(manifest, run, uri=args.uri)
+        place_files(dest, manifest.files, read, uri=shown, overwrite=args.overwrite)
     except IntegrityError as e:
-        print(f"FAILED {args.uri}: {len(e.bad)} bad file(s)")
-        for bad in e.bad:
-            print(f"  {bad}")
-        return 1
-    print(f"OK {args.uri}: {len(manifest.files)} files, {manifest.total_bytes} bytes verified")
+        progress.finish()
+        out = {"uri": shown, "ok": False, "error": "files do not match the manifest"}
+        out["bad"] = e.bad
+        if not args.json:
+            print(f"FAILED {shown}: {len(e.bad)} bad file(s), nothing written to {dest}")
+            for b in e.bad:
+                print(f"  {b}")
+            return 1
+        return _report(args, out, 1)
+    progress.finish()
+    out = {
+        "uri": shown,
+        "ok": True,
+        "dest": str(dest),
+        "files": len(manifest.files),
+        "bytes": manifest.total_bytes,
+    }
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(f"OK {shown} -> {dest}: {len(manifest.files)} files, {manifest.total_bytes} bytes")
     return 0
 
 
@@ -92,15 +240,38 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per command (docs/cli.md documents each)."""
     parser = argparse.ArgumentParser(prog="raysync", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="list installed export backends")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_backends)
+
+    def storage_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--storage-options",
+            metavar="JSON",
+            help="storage_options as a JSON object (prefer credentials from the environment)",
+        )
+
+    p = sub.add_parser("ls", help="runs under a prefix: status, files, bytes, time")
+    p.add_argument("uri", help="a prefix or run URI (a plain path is local)")
+    storage_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_ls)
     p = sub.add_parser("verify", help="re-hash a committed run against its manifest")
-    p.add_argument("uri", help="a local run directory or file:// URI")
+    p.add_argument("uri", help="a run URI (a plain path is local)")
+    storage_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_verify)
+    p = sub.add_parser("pull", help="download a committed run, verified, all or nothing")
+    p.add_argument("uri", help="a run URI")
+    p.add_argument("dest", help="a local directory (files land at their manifest paths)")
+    storage_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace differing local files")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_pull)
     p = sub.add_parser(
         "doctor",
         help="check isolation and the destination on every node of a running cluster",
@@ -129,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="the same as python -m raysync.bench")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     # demo and bench pass their options on; argparse's REMAINDER misses a leading --option.
     args, extra = parser.parse_known_args(argv)
     if hasattr(args, "rest"):

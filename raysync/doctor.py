@@ -27,7 +27,7 @@ from typing import Any
 import ray
 
 from raysync.decorator import isolated_export
-from raysync.errors import RaySyncError
+from raysync.errors import ConfigError, RaySyncError
 from raysync.target import BUILTIN_FIELDS, template_fields
 from raysync.workspace import current_workspace
 
@@ -210,9 +210,12 @@ def main(
     timeout: float,
     as_json: bool,
 ) -> int:
-    options = json.loads(storage_options) if storage_options else None
+    try:
+        options = json.loads(storage_options) if storage_options else None
+    except ValueError as e:
+        raise ConfigError(f"--storage-options is not valid JSON: {e}") from None
     if options is not None and not isinstance(options, dict):
-        raise SystemExit("raysync doctor: --storage-options must be a JSON object")
+        raise ConfigError("--storage-options must be a JSON object")
     init: dict[str, Any] = {"address": address or "auto", "log_to_driver": False}
     if working_dir:
         from raysync.project import runtime_env

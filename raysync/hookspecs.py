@@ -91,6 +91,9 @@ class ExportBackend(Protocol):
     # Optional: ``accepts_scheme(scheme) -> bool`` makes the backend a *fallback* that serves
     # schemes no backend claims in ``schemes`` (the fsspec backend serves every fsspec
     # protocol this way); ``accepts_description`` says which, for listings.
+    # Optional, for the CLI: ``list_runs(target) -> list[RunInfo]`` (``raysync ls``) and
+    # ``open_run(target) -> RunReader`` (``raysync verify`` and ``pull``); see
+    # :mod:`raysync.backend`.
 
     def check(self, target: Target) -> None:
         """Validate a target on the driver at decoration time, without I/O.

@@ -60,3 +60,117 @@ def test_bench_subcommand_passes_its_options_on() -> None:
     report = json.loads(proc.stdout)
     assert list(report["backends"]) == ["rsync"]
     assert report["backends"]["rsync"]["shapes"]["small"]["files"] == 5
+
+
+def test_ls_verify_and_pull_local_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    @isolated_export("runs/{name}")
+    def ok(name: str) -> None:
+        Path("export/a.txt").write_text(name)
+        Path("data/b.bin").write_bytes(bytes(range(256)) * 40)
+
+    @isolated_export("runs/{name}", export_on_failure=True)
+    def broken(name: str) -> None:
+        Path("export/partial.txt").write_text("half")
+        raise ValueError("boom")
+
+    ok(name="one")
+    ok(name="two")
+    with pytest.raises(ValueError):
+        broken(name="bad")
+    (tmp_path / "runs" / ".dead.raysync-staging-0123456789ab").mkdir()  # a dead export's
+
+    listing = _raysync("ls", "runs", "--json")
+    assert listing.returncode == 0, listing.stderr
+    runs = {Path(r["uri"]).name: r for r in json.loads(listing.stdout)}
+    assert {k: r["status"] for k, r in runs.items()} == {
+        "one": "committed",
+        "two": "committed",
+        "bad": "failed",
+        "dead": "incomplete",
+    }
+    assert runs["one"]["files"] == 2 and runs["one"]["bytes"] == 3 + 10240
+    table = _raysync("ls", str(tmp_path / "runs"))
+    assert table.returncode == 0 and "committed" in table.stdout and "incomplete" in table.stdout
+
+    pulled = _raysync("pull", "runs/one", "out", "--json")
+    assert pulled.returncode == 0, pulled.stderr
+    assert json.loads(pulled.stdout)["files"] == 2
+    assert (tmp_path / "out" / "data" / "b.bin").read_bytes() == bytes(range(256)) * 40
+    clash = _raysync("pull", "runs/two", "out")  # out/export/a.txt holds "one"
+    assert clash.returncode == 2 and "already exist" in clash.stderr
+
+    (tmp_path / "runs" / "two" / "export" / "a.txt").write_text("TWO")  # tampered
+    bad = _raysync("verify", "runs/two", "--json")
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["bad"] == ["export/a.txt"]
+    refused = _raysync("pull", "runs/two", "fresh")
+    assert refused.returncode == 1 and "export/a.txt" in refused.stdout
+    assert not (tmp_path / "fresh" / "export").exists()  # all or nothing
+
+
+def test_ls_verify_and_pull_s3_runs(tmp_path: Path, moto_endpoint: str, bucket: str) -> None:
+    import boto3
+
+    from tests.conftest import s3_options
+
+    options = s3_options(moto_endpoint)
+
+    @isolated_export(f"s3://{bucket}/cli/{{name}}", storage_options=options)
+    def run(name: str) -> None:
+        Path("export/model.bin").write_bytes(name.encode() * 1000)
+        Path("artifacts/log.txt").write_text(f"log of {name}")
+
+    run(name="r1")
+    run(name="r2")
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="k",
+        aws_secret_access_key="s",  # the local moto server
+    )
+    # What a dead export leaves: data and a lock, no manifest.
+    client.put_object(Bucket=bucket, Key="cli/r3/.raysync-lock", Body=b"{}")
+    client.put_object(Bucket=bucket, Key="cli/r3/export/x", Body=b"x")
+    so = ["--storage-options", json.dumps(options)]
+
+    listing = _raysync("ls", f"s3://{bucket}/cli", *so, "--json")
+    assert listing.returncode == 0, listing.stderr
+    status = {r["uri"]: r["status"] for r in json.loads(listing.stdout)}
+    assert status == {
+        f"s3://{bucket}/cli/r1": "committed",
+        f"s3://{bucket}/cli/r2": "committed",
+        f"s3://{bucket}/cli/r3": "incomplete",
+    }
+    assert _raysync("verify", f"s3://{bucket}/cli/r1", *so).returncode == 0
+    pulled = _raysync("pull", f"s3://{bucket}/cli/r1", str(tmp_path / "r1"), *so)
+    assert pulled.returncode == 0, pulled.stderr
+    assert (tmp_path / "r1" / "export" / "model.bin").read_bytes() == b"r1" * 1000
+
+    client.put_object(Bucket=bucket, Key="cli/r2/artifacts/log.txt", Body=b"forged")
+    bad = _raysync("verify", f"s3://{bucket}/cli/r2", *so)
+    assert bad.returncode == 1 and "artifacts/log.txt" in bad.stdout
+    none = _raysync("verify", f"s3://{bucket}/cli/r3", *so)
+    assert none.returncode == 1 and "no committed run" in none.stderr
+    unknown = _raysync("ls", "nosuchscheme://x")
+    assert unknown.returncode == 2 and "no backend for scheme" in unknown.stderr
+
+
+def test_docs_cli_documents_every_command_and_the_exit_codes() -> None:
+    import argparse
+    import re
+
+    from raysync import cli
+
+    parser_commands: set[str] = set()
+    for action in cli.build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parser_commands.update(action.choices)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    documented = set(re.findall(r"^## `raysync (\w+)", doc, re.M))
+    assert parser_commands >= {"backends", "ls", "verify", "pull", "doctor", "bench", "demo"}
+    assert parser_commands == documented
+    table = doc.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    assert all(f"| {code} |" in table for code in (0, 1, 2))

@@ -33,7 +33,7 @@ def hook_names() -> set[str]:
                     names.add(item.name)
                 elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
                     names.add(item.target.id)
-    names |= set(re.findall(r"``(accepts_\w+)", source))
+    names |= set(re.findall(r"``(accepts_\w+|list_runs|open_run)", source))
     return names
 
 
@@ -41,7 +41,7 @@ def test_the_plugin_guide_documents_every_hook() -> None:
     guide = GUIDE.read_text()
     names = hook_names()
     assert {"raysync_register_backends", "check", "prepare", "export", "materialize"} <= names
-    assert {"name", "schemes", "default", "capabilities", "accepts_scheme"} <= names
+    assert {"name", "schemes", "default", "capabilities", "accepts_scheme", "open_run"} <= names
     missing = sorted(n for n in names if f"`{n}" not in guide)
     assert missing == [], f"docs/plugins.md does not document {missing}"
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import raysync
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
 from raysync.copy import CHUNK, changed_error, read_and_hash
 from raysync.errors import (
     ConfigError,
@@ -544,6 +544,32 @@ class BlobBackend:
         return Manifest.from_bytes(data, uri=shown)
 
     # -- read back ---------------------------------------------------------------------------
+    def list_runs(self, target: Target) -> list[RunInfo]:
+        """Runs under a prefix: each manifest is a run; a lock without one is incomplete."""
+        fs, prefix, opts = self._open(target.uri, target.options)
+        scheme = target.scheme
+        keys = with_retries("listing the prefix", lambda: fs.find(prefix), opts)
+        manifests = [k for k in keys if k.endswith("/" + MANIFEST_NAME) or k == MANIFEST_NAME]
+        locks = [k for k in keys if k.endswith("/" + LOCK_NAME)]
+        got = (
+            with_retries("reading manifests", lambda: fs.cat(manifests), opts) if manifests else {}
+        )
+        runs = []
+        for key, data in sorted(got.items()):
+            run = key.rsplit("/", 1)[0]
+            uri = f"{scheme}://{run}"
+            runs.append(RunInfo.from_manifest(uri, Manifest.from_bytes(data, uri=uri)))
+        done = {k.rsplit("/", 1)[0] for k in manifests}
+        for key in locks:
+            run = key.rsplit("/", 1)[0]
+            if run not in done:
+                runs.append(RunInfo(uri=f"{scheme}://{run}", status="incomplete"))
+        return sorted(runs, key=lambda r: r.uri)
+
+    def open_run(self, target: Target) -> RunReader:
+        fs, run, opts = self._open(target.uri, target.options)
+        return _BlobReader(redact(target.uri), fs, run, opts)
+
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
         loc = result.payload
         if not isinstance(loc, Location):
@@ -586,6 +612,19 @@ class BlobBackend:
                 yield from iter(lambda: f.read(CHUNK), b"")
 
         place_files(dest, committed.files, read, uri=shown, overwrite=overwrite)
+
+
+class _BlobReader(RunReader):
+    def __init__(self, uri: str, fs: Any, run: str, opts: Options) -> None:
+        super().__init__(uri)
+        self.fs, self.run, self.opts = fs, run, opts
+
+    def manifest(self) -> Manifest | None:
+        return BlobBackend._read_manifest(self.fs, self.run, self.uri, self.opts)
+
+    def read(self, entry: FileEntry) -> Iterator[bytes]:
+        with self.fs.open(f"{self.run}/{check_relpath(entry.path)}", "rb") as f:
+            yield from iter(lambda: f.read(CHUNK), b"")
 
 
 @raysync.hookimpl

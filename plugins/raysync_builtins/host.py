@@ -31,7 +31,7 @@ from typing import Any
 import ray
 
 import raysync
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
 from raysync.copy import changed_error
 from raysync.errors import (
     ConfigError,
@@ -44,7 +44,13 @@ from raysync.errors import (
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
 from raysync.result import ExportResult, place_files, read_path_chunks
 from raysync.target import Target
-from raysync_builtins.local import check_conflict, commit_dir, read_committed
+from raysync_builtins.local import (
+    DirReader,
+    check_conflict,
+    commit_dir,
+    list_dir_runs,
+    read_committed,
+)
 
 MIB = 1024 * 1024
 SINK_PREFIX = "raysync-host-sink"
@@ -390,6 +396,14 @@ class HostSyncBackend:
             workspace=str(request.workspace),
             hint="keep the driver running until its tasks finish; the files are kept on this node",
         )
+
+    def list_runs(self, target: Target) -> list[RunInfo]:
+        """Runs under a path on this machine (run it on the driver's machine)."""
+        return list_dir_runs(Path(target.local_path()), lambda p: f"host://{p}")
+
+    def open_run(self, target: Target) -> RunReader:
+        path = Path(target.local_path())
+        return DirReader(f"host://{path}", path)
 
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
         loc = result.payload

@@ -12,11 +12,11 @@ import os
 import secrets
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import raysync
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
 from raysync.copy import copy_and_hash
 from raysync.errors import (
     ConfigError,
@@ -26,7 +26,7 @@ from raysync.errors import (
     MaterializeError,
     RunExistsError,
 )
-from raysync.manifest import MANIFEST_NAME, Manifest, safe_join
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
 from raysync.result import ExportResult, place_files, read_path_chunks
 from raysync.target import Target, split_scheme
 
@@ -44,6 +44,51 @@ def read_committed(run_dir: Path, *, uri: str) -> Manifest | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return Manifest.from_bytes(data, uri=uri)
+
+
+STAGING_MARK = ".raysync-staging-"
+
+
+def list_dir_runs(root: Path, to_uri: Callable[[Path], str], *, depth: int = 8) -> list[RunInfo]:
+    """Runs under ``root`` on this machine: directories holding a manifest (not descended
+    into), and staging directories without a committed run (incomplete)."""
+    runs: list[RunInfo] = []
+    if not root.is_dir():
+        return runs
+    base = len(root.parts)
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if MANIFEST_NAME in filenames:
+            manifest = read_committed(here, uri=to_uri(here))
+            if manifest is not None:
+                runs.append(RunInfo.from_manifest(to_uri(here), manifest))
+            dirnames.clear()
+            continue
+        for d in list(dirnames):
+            if d.startswith(".") and STAGING_MARK in d:
+                name = d[1:].split(STAGING_MARK, 1)[0]
+                if not (here / name / MANIFEST_NAME).exists():
+                    runs.append(RunInfo(uri=to_uri(here / name), status="incomplete"))
+                dirnames.remove(d)
+            elif d.startswith(".raysync") or (d.startswith(".") and ".raysync-old-" in d):
+                dirnames.remove(d)
+        if len(here.parts) - base >= depth:
+            dirnames.clear()
+    return sorted(runs, key=lambda r: r.uri)
+
+
+class DirReader(RunReader):
+    """Reads a run from a directory on this machine."""
+
+    def __init__(self, uri: str, path: Path) -> None:
+        super().__init__(uri)
+        self.path = path
+
+    def manifest(self) -> Manifest | None:
+        return read_committed(self.path, uri=self.uri)
+
+    def read(self, entry: FileEntry) -> Iterator[bytes]:
+        return read_path_chunks(safe_join(self.path, entry.path))
 
 
 def prepare_root(root: Path) -> dict[str, str]:
@@ -179,6 +224,13 @@ class LocalCopyBackend:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return ExportOutcome(uri=uri)
+
+    def list_runs(self, target: Target) -> list[RunInfo]:
+        return list_dir_runs(Path(target.local_path()), lambda p: f"file://{p}")
+
+    def open_run(self, target: Target) -> RunReader:
+        path = Path(target.local_path())
+        return DirReader(f"file://{path}", path)
 
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
         src = _run_dir(result.uri)

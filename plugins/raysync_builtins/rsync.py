@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 import raysync
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
 from raysync.copy import CHUNK, changed_error
 from raysync.errors import (
     ConfigError,
@@ -55,9 +55,11 @@ from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, 
 from raysync.result import ExportResult, place_files, read_path_chunks
 from raysync.target import Target
 from raysync_builtins.local import (
+    DirReader,
     check_conflict,
     check_visible,
     commit_dir,
+    list_dir_runs,
     prepare_root,
     read_committed,
 )
@@ -388,6 +390,30 @@ def _staging_name(dest: Path, task_id: str) -> Path:
     return dest.parent / f".{dest.name}.raysync-staging-{digest}"
 
 
+class _PulledReader(RunReader):
+    """A remote run, copied to a temporary directory once, then read from there."""
+
+    def __init__(self, uri: str, rsync: Rsync, remote: Remote) -> None:
+        super().__init__(uri)
+        self._tmp = tempfile.TemporaryDirectory(prefix="raysync-read-")
+        try:
+            rsync.run_with_retries(["-a", "--", remote.url() + "/", self._tmp.name + "/"], "pull")
+        except RsyncFailed as e:
+            self._tmp.cleanup()
+            if e.code == 23 and "No such file" in e.stderr:
+                self._dir = None
+                return
+            raise MaterializeError(f"cannot read {uri}: {e}") from None
+        self._dir = DirReader(uri, Path(self._tmp.name))
+
+    def manifest(self) -> Manifest | None:
+        return None if self._dir is None else self._dir.manifest()
+
+    def read(self, entry: FileEntry) -> Iterator[bytes]:
+        assert self._dir is not None
+        return self._dir.read(entry)
+
+
 class RsyncBackend:
     """Exports with the rsync binary."""
 
@@ -547,6 +573,22 @@ class RsyncBackend:
             return Manifest.from_bytes((Path(tmp) / MANIFEST_NAME).read_bytes(), uri=uri)
 
     # -- read back ---------------------------------------------------------------------------
+    def list_runs(self, target: Target) -> list[RunInfo]:
+        remote = Remote.parse(target.uri)
+        if remote.mode != "mount":
+            raise ConfigError(
+                "listing runs on an rsync daemon or over ssh is not supported yet",
+                hint="list the destination's directory on the storage host, or use "
+                "raysync verify/pull on one run",
+            )
+        return list_dir_runs(Path(remote.path), lambda p: f"rsync://{p}")
+
+    def open_run(self, target: Target) -> RunReader:
+        remote = Remote.parse(target.uri)
+        if remote.mode == "mount":
+            return DirReader(target.uri, Path(remote.path))
+        return _PulledReader(target.uri, Rsync(Options.parse(target.options), remote), remote)
+
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
         loc = result.payload
         if not isinstance(loc, Location):
