@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from raysync.errors import IntegrityError, MaterializeError
-from raysync.manifest import FileEntry, Manifest, safe_join
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,19 @@ class ExportResult:
     payload: Any = field(default=None, repr=False)
     _backend_obj: Any = field(default=None, repr=False, compare=False)
 
-    def materialize(self, dest: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    def materialize(
+        self,
+        dest: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        with_manifest: bool = False,
+    ) -> Path:
         """Write this run's files under ``dest`` on this machine and verify them.
 
         Files land at their manifest paths (``dest/export/...``); existing files with other
-        contents are an error unless ``overwrite``. Returns ``dest`` as a :class:`Path`.
+        contents are an error unless ``overwrite``. With ``with_manifest`` the manifest is
+        written too (``dest/raysync-manifest.json``), making ``dest`` a run that
+        ``raysync verify`` and ``raysync ls`` understand. Returns ``dest`` as a :class:`Path`.
         """
         backend = self._backend_obj
         if backend is None or not backend.capabilities.read_back:
@@ -60,7 +68,19 @@ class ExportResult:
                 hint="read the files from the destination with the backend's own tools",
             )
         out = Path(dest).absolute()
+        manifest_path = out / MANIFEST_NAME
+        data = self.manifest.to_bytes()
+        if with_manifest and manifest_path.exists() and not overwrite:
+            if manifest_path.read_bytes() != data:
+                raise MaterializeError(
+                    f"{manifest_path} already holds another run's manifest",
+                    hint="materialize into an empty directory or pass overwrite=True",
+                )
         backend.materialize(self, out, overwrite=overwrite)
+        if with_manifest:
+            tmp = out / f".{MANIFEST_NAME}.{uuid.uuid4().hex[:8]}"
+            tmp.write_bytes(data)
+            os.replace(tmp, manifest_path)
         return out
 
 

@@ -174,3 +174,22 @@ def test_docs_cli_documents_every_command_and_the_exit_codes() -> None:
     assert parser_commands == documented
     table = doc.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
     assert all(f"| {code} |" in table for code in (0, 1, 2))
+
+
+def test_a_return_by_value_run_materialized_with_its_manifest_verifies_and_lists(
+    tmp_path: Path,
+) -> None:
+    @isolated_export(None)
+    def f() -> None:
+        Path("export/a.txt").write_text("by value")
+        Path("artifacts/b.bin").write_bytes(b"\x00\x01" * 5000)
+
+    r = f()
+    out = r.materialize(tmp_path / "home", with_manifest=True)
+    ok = _raysync("verify", str(out))
+    assert ok.returncode == 0 and "2 files" in ok.stdout
+    listing = _raysync("ls", str(tmp_path), "--json")
+    assert [(x["status"], x["files"]) for x in json.loads(listing.stdout)] == [("committed", 2)]
+    (out / "artifacts" / "b.bin").write_bytes(b"changed")
+    bad = _raysync("verify", str(out))
+    assert bad.returncode == 1 and "artifacts/b.bin" in bad.stdout
