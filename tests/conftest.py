@@ -226,23 +226,63 @@ def fault_proxy(moto_endpoint: str) -> Iterator[Any]:
         yield proxy
 
 
-class RsyncDaemon:
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LoopbackServer:
+    """A server process the tests start on 127.0.0.1 and stop by its process id."""
+
+    port: int
+
+    def start(self, argv: list[str], what: str, log: Path, *, skip: bool = False) -> None:
+        """Start ``argv`` and wait (bounded) until it accepts connections on ``self.port``;
+        otherwise fail (or skip, when ``skip``) with the end of its ``log``."""
+        import socket
+        import subprocess
+        import time
+
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    said = log.read_text()[-500:] if log.exists() else ""
+                    (pytest.skip if skip else pytest.fail)(f"{what} did not start: {said}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class RsyncDaemon(LoopbackServer):
     """A real ``rsync --daemon`` on 127.0.0.1 with its own config file and port.
 
     Modules: ``runs`` (read-write, at ``self.root / "runs"``) and ``ro`` (read-only).
     """
 
     def __init__(self, base: Path) -> None:
-        import socket
-        import subprocess
-        import time
-
         self.root = base
         (base / "runs").mkdir()
         (base / "ro").mkdir()
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         conf = base / "rsyncd.conf"
         conf.write_text(
             f"pid file = {base}/rsyncd.pid\n"
@@ -256,44 +296,9 @@ class RsyncDaemon:
         rsync = shutil.which("rsync")
         if rsync is None:
             pytest.fail("rsync is not installed (.ci/run installs it: apt-get install rsync)")
-        self.proc = subprocess.Popen(
-            [
-                rsync,
-                "--daemon",
-                "--no-detach",
-                f"--config={conf}",
-                "--address=127.0.0.1",
-                f"--port={self.port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"rsync daemon did not start: {self.log()}")
-                time.sleep(0.05)
+        argv = [rsync, "--daemon", "--no-detach", f"--config={conf}", "--address=127.0.0.1"]
+        self.start([*argv, f"--port={self.port}"], "rsync daemon", base / "rsyncd.log")
         self.url = f"rsync://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        path = self.root / "rsyncd.log"
-        return path.read_text() if path.exists() else ""
-
-    def stop(self) -> None:
-        import subprocess
-
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -303,7 +308,7 @@ def rsync_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RsyncDaem
     daemon.stop()
 
 
-class Sshd:
+class Sshd(LoopbackServer):
     """A real sshd on 127.0.0.1 with its own host key, config, port and one client key.
 
     ``ssh_command`` is what a user passes as ``storage_options["ssh_command"]``.
@@ -311,9 +316,7 @@ class Sshd:
 
     def __init__(self, base: Path) -> None:
         import getpass
-        import socket
         import subprocess
-        import time
 
         sshd, keygen = shutil.which("sshd") or "/usr/sbin/sshd", shutil.which("ssh-keygen")
         if not os.path.exists(sshd) or keygen is None or shutil.which("ssh") is None:
@@ -325,9 +328,7 @@ class Sshd:
             )
         (base / "authorized_keys").write_text((base / "client_key.pub").read_text())
         os.chmod(base / "authorized_keys", 0o600)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         conf = base / "sshd_config"
         conf.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {base}/host_key\n"
@@ -337,24 +338,8 @@ class Sshd:
         )
         if os.getuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
-        self.log = base / "sshd.log"
-        self.proc = subprocess.Popen(
-            [sshd, "-D", "-f", str(conf), "-E", str(self.log)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    text = self.log.read_text() if self.log.exists() else ""
-                    pytest.skip(f"sshd cannot run here: {text[-500:]}")
-                time.sleep(0.05)
+        log = base / "sshd.log"
+        self.start([sshd, "-D", "-f", str(conf), "-E", str(log)], "sshd", log, skip=True)
         self.ssh_command = [
             "ssh",
             "-i",
@@ -368,16 +353,6 @@ class Sshd:
             "-o",
             "LogLevel=ERROR",
         ]
-
-    def stop(self) -> None:
-        import subprocess
-
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -38,18 +38,17 @@ from raysync.errors import (
     DestinationError,
     ExportError,
     IntegrityError,
-    MaterializeError,
     RaySyncError,
 )
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
-from raysync.result import ExportResult, place_files, read_path_chunks
+from raysync.result import ExportResult
 from raysync.target import Target
 from raysync_builtins.local import (
     DirReader,
     check_conflict,
     commit_dir,
     list_dir_runs,
-    read_committed,
+    materialize_dir,
 )
 
 MIB = 1024 * 1024
@@ -408,26 +407,12 @@ class HostSyncBackend:
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
         loc = result.payload
         src = Path(loc.path) if isinstance(loc, Location) else Path(result.uri[len("host://") :])
-        committed = read_committed(src, uri=result.uri)
-        if committed is None:
-            raise MaterializeError(
-                f"no committed run at {src} on this machine",
-                hint="host:// runs live on the driver's machine: materialize there",
-            )
-        if committed.run.get("task_id") != result.manifest.run.get("task_id"):
-            raise IntegrityError(
-                "the run at this path was replaced by another call",
-                uri=result.uri,
-                bad=[MANIFEST_NAME],
-            )
-        if src.resolve() == dest.resolve():
-            return
-        place_files(
+        materialize_dir(
+            src,
+            result,
             dest,
-            committed.files,
-            lambda f: read_path_chunks(safe_join(src, f.path)),
-            uri=result.uri,
             overwrite=overwrite,
+            hint="host:// runs live on the driver's machine: materialize there",
         )
 
 

@@ -178,6 +178,31 @@ def commit_dir(staging: Path, dest: Path, *, replace: bool, uri: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def materialize_dir(
+    src: Path, result: ExportResult, dest: Path, *, overwrite: bool, hint: str
+) -> None:
+    """Bring the run committed in directory ``src`` to ``dest``: it must be the run
+    ``result`` describes (same task); files verified, all or nothing."""
+    committed = read_committed(src, uri=result.uri)
+    if committed is None:
+        raise MaterializeError(f"no committed run at {src} on this machine", hint=hint)
+    if committed.run.get("task_id") != result.manifest.run.get("task_id"):
+        raise IntegrityError(
+            "the run at this path was replaced by another call",
+            uri=result.uri,
+            bad=[MANIFEST_NAME],
+        )
+    if src.resolve() == dest.resolve():
+        return
+    place_files(
+        dest,
+        committed.files,
+        lambda f: read_path_chunks(safe_join(src, f.path)),
+        uri=result.uri,
+        overwrite=overwrite,
+    )
+
+
 class LocalCopyBackend:
     """Copies a call's trees to a directory the worker and the driver both see."""
 
@@ -233,27 +258,12 @@ class LocalCopyBackend:
         return DirReader(f"file://{path}", path)
 
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
-        src = _run_dir(result.uri)
-        committed = read_committed(src, uri=result.uri)
-        if committed is None:
-            raise MaterializeError(
-                f"no committed run at {src} on this machine",
-                hint="materialize on a node that mounts the destination",
-            )
-        if committed.run.get("task_id") != result.manifest.run.get("task_id"):
-            raise IntegrityError(
-                "the run at this path was replaced by another call",
-                uri=result.uri,
-                bad=[MANIFEST_NAME],
-            )
-        if src.resolve() == dest.resolve():
-            return
-        place_files(
+        materialize_dir(
+            _run_dir(result.uri),
+            result,
             dest,
-            committed.files,
-            lambda f: read_path_chunks(safe_join(src, f.path)),
-            uri=result.uri,
             overwrite=overwrite,
+            hint="materialize on a node that mounts the destination",
         )
 
 

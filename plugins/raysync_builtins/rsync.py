@@ -45,14 +45,13 @@ from raysync.errors import (
     ConfigError,
     DestinationError,
     ExportError,
-    IntegrityError,
     MaterializeError,
     MissingDependencyError,
     RaySyncError,
     RunExistsError,
 )
-from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
-from raysync.result import ExportResult, place_files, read_path_chunks
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
+from raysync.result import ExportResult
 from raysync.target import Target
 from raysync_builtins.local import (
     DirReader,
@@ -60,8 +59,8 @@ from raysync_builtins.local import (
     check_visible,
     commit_dir,
     list_dir_runs,
+    materialize_dir,
     prepare_root,
-    read_committed,
 )
 
 log = logging.getLogger("raysync.rsync")
@@ -607,25 +606,8 @@ class RsyncBackend:
 
     @staticmethod
     def _materialize_from(src: Path, result: ExportResult, dest: Path, *, overwrite: bool) -> None:
-        committed = read_committed(src, uri=result.uri)
-        if committed is None:
-            raise MaterializeError(
-                f"no committed run at {result.uri}",
-                hint="materialize on a node that mounts the destination",
-            )
-        if committed.run.get("task_id") != result.manifest.run.get("task_id"):
-            raise IntegrityError(
-                "the run at this URI was replaced by another call",
-                uri=result.uri,
-                bad=[MANIFEST_NAME],
-            )
-        place_files(
-            dest,
-            committed.files,
-            lambda f: read_path_chunks(safe_join(src, f.path)),
-            uri=result.uri,
-            overwrite=overwrite,
-        )
+        hint = "materialize on a node that mounts the destination"
+        materialize_dir(src, result, dest, overwrite=overwrite, hint=hint)
 
 
 @raysync.hookimpl
