@@ -8,6 +8,7 @@ writing to its own disk (DESIGN invariant 2).
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -178,6 +179,30 @@ def commit_dir(staging: Path, dest: Path, *, replace: bool, uri: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def destination_error(e: OSError, where: Path, request: ExportRequest, uri: str) -> Exception:
+    """A clear error for a destination that is full, read-only or not writable; other OS
+    errors are returned unchanged."""
+    if e.errno == errno.ENOSPC:
+        try:
+            free = f"{shutil.disk_usage(where).free:,} bytes are free there"
+        except OSError:
+            free = "its free space is unknown"
+        return DestinationError(
+            f"the destination is full: this run needs {request.manifest.total_bytes:,} bytes "
+            f"({len(request.files)} files) and {free}; nothing was committed",
+            uri=uri,
+            hint="free space on the destination or export to a larger one",
+        )
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what = "read-only" if e.errno == errno.EROFS else "not writable by this user"
+        return DestinationError(
+            f"the destination is {what} ({e.strerror}: {e.filename}); nothing was committed",
+            uri=uri,
+            hint="mount it read-write on every node, or fix its permissions",
+        )
+    return e
+
+
 def materialize_dir(
     src: Path, result: ExportResult, dest: Path, *, overwrite: bool, hint: str
 ) -> None:
@@ -231,9 +256,12 @@ class LocalCopyBackend:
         uri = f"file://{dest}"
         check_visible(request.prepared, dest, uri)
         replace = check_conflict(dest, task_id=request.task_id, conflict=request.conflict, uri=uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         staging = dest.parent / f".{dest.name}.raysync-staging-{uuid.uuid4().hex[:12]}"
-        staging.mkdir()
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
+        except OSError as e:
+            raise destination_error(e, dest.parent, request, uri) from e
         try:
             made: set[Path] = {staging}
             for entry in request.files:
@@ -245,6 +273,9 @@ class LocalCopyBackend:
             # The manifest is written last: a directory holding one is a complete run.
             (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
             commit_dir(staging, dest, replace=replace, uri=uri)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise destination_error(e, dest.parent, request, uri) from e
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
