@@ -68,6 +68,11 @@ def register_target(
         return
     with _lock:
         _pending[key] = _Pending(key, target, prepare, capabilities)
+        # Decorating again (a notebook cell re-run, after a chdir) makes fresh facts: the
+        # same key must not keep the first decoration's cwd.
+        _local.pop(key, None)
+        for published in [p for p in _published if p[1] == key]:
+            _published.discard(published)
     if ray.is_initialized():
         publish(key)
 

@@ -96,6 +96,8 @@ def current_workspace() -> Workspace:
 
 
 def _has_working_dir() -> bool:
+    if not ray.is_initialized():
+        return False  # a direct call outside Ray: asking the runtime context would start Ray
     try:
         return bool(ray.get_runtime_context().runtime_env.working_dir())
     except Exception:  # noqa: BLE001 - outside Ray, or an older runtime_env API

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import NODE_IP, files_under, stop_ray
 
 TASKS = """
@@ -62,3 +64,26 @@ def test_importable_module_decorated_before_ray_init_resolves_to_driver_cwd(
     assert not out["cwd"].startswith(str(host))
     assert files_under(host / "artifacts" / "r1")["export/out.txt"] == b"r1"
     assert not (code / "artifacts").exists()  # not the cwd at import time, nor the worker's
+
+
+def make_task() -> object:
+    from raysync import isolated_export
+
+    @isolated_export("out/{run_id}")
+    def task(run_id: str) -> None:
+        Path("export/x.txt").write_text(run_id)
+
+    return task
+
+
+def test_decorating_again_after_a_chdir_resolves_against_the_new_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same function and URI decorated twice in one driver (a notebook cell re-run after
+    # os.chdir): each decoration's relative path means its own cwd.
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        r = make_task()(run_id="r")  # type: ignore[operator]
+        assert r.uri == f"file://{tmp_path / name / 'out' / 'r'}"
+    assert (tmp_path / "second" / "out" / "r" / "export" / "x.txt").read_text() == "r"

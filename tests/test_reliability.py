@@ -190,3 +190,95 @@ def test_worker_killed_mid_export_the_retry_commits_and_no_reader_sees_a_partial
     assert (dest / "data" / "big.bin").read_bytes() == content
     assert committed(dest).run["attempt"] == 1
     assert [p.name for p in (mount / "runs").iterdir() if "staging" in p.name] == []
+
+
+def make_special(kind: str) -> None:
+    import stat as st
+
+    if kind == "symlink outside the workspace":
+        os.symlink("/etc/hostname", "export/link")
+    elif kind == "symlink loop":
+        os.symlink("b", "export/a")
+        os.symlink("a", "export/b")
+    elif kind == "FIFO":
+        os.mkfifo("export/pipe")
+    elif kind == "device file":
+        try:
+            os.mknod("export/null", 0o600 | st.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("creating a device node needs root")
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("symlink outside the workspace", "UnsafePathError"),
+        ("symlink loop", "UnsafePathError"),
+        ("FIFO", "TreeError"),
+        ("device file", "TreeError"),
+    ],
+)
+def test_special_files_in_a_tree_are_refused_and_nothing_is_committed(
+    kind: str, error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    @isolated_export("runs/{name}", keep_workspace=False)
+    def run(name: str) -> None:
+        Path("export/good.txt").write_text("good")
+        make_special(kind)
+
+    with pytest.raises(Exception) as info:
+        run(name="x")
+    assert type(info.value).__name__ == error
+    assert not (tmp_path / "runs" / "x").exists()  # nothing committed
+    assert (kept_workspace(str(info.value)) / "export" / "good.txt").read_text() == "good"
+
+
+NAMES = {
+    "newline": "a\nb.txt",
+    "non-UTF-8 bytes": os.fsdecode(b"caf\xe9.txt"),
+    "255 bytes": "x" * 251 + ".txt",
+    "spaces": "  spaced  name .txt",
+    "leading dashes": "-rf --no-preserve-root",
+}
+
+
+@pytest.mark.parametrize("label", sorted(NAMES))
+def test_unusual_file_names_round_trip_exactly(
+    label: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    name = NAMES[label]
+
+    @isolated_export("runs/{run}")
+    def run(run: str) -> None:
+        Path("export", name).write_bytes(label.encode())
+
+    r = run(run="n")
+    assert [f.path for f in r.manifest.files] == [f"export/{name}"]
+    assert (tmp_path / "runs" / "n" / "export" / name).read_bytes() == label.encode()
+    committed(tmp_path / "runs" / "n")  # the manifest (JSON) round-trips the name
+    back = r.materialize(tmp_path / "back")
+    assert (back / "export" / name).read_bytes() == label.encode()
+
+
+def test_a_direct_call_outside_ray_does_not_start_ray() -> None:
+    code = (
+        "import os, tempfile, ray\n"
+        "from pathlib import Path\n"
+        "from raysync import isolated_export\n"
+        "os.chdir(tempfile.mkdtemp())\n"
+        "@isolated_export(None)\n"
+        "def f():\n"
+        "    Path('export/a.txt').write_text('a')\n"
+        "r = f()\n"
+        "print(r.manifest.files[0].path, ray.is_initialized())\n"
+    )
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["export/a.txt", "False"]
