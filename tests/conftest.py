@@ -427,3 +427,40 @@ def shared_pkg_dir() -> Path:
         return os.getcwd()
 
     return Path(ray.get(cwd.remote()))
+
+
+def committed(run: Path) -> Any:
+    """The manifest of the committed run at ``run``, after verifying every file against it."""
+    from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
+
+    manifest = Manifest.from_bytes((run / MANIFEST_NAME).read_bytes())
+    verify_files(manifest, run, uri=str(run))
+    return manifest
+
+
+@contextlib.contextmanager
+def polling_reader(run: Path) -> Iterator[list[str]]:
+    """A reader that polls ``run`` every 10 ms while the block runs; the list it yields
+    collects every time it found the run present but not complete and verifying."""
+    import threading
+    import time
+
+    seen_bad: list[str] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            if run.exists():
+                try:
+                    committed(run)
+                except Exception as e:  # noqa: BLE001 - recorded for the test to assert on
+                    seen_bad.append(repr(e))
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        yield seen_bad
+    finally:
+        stop.set()
+        thread.join(timeout=10)

@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,14 +21,8 @@ import ray
 
 from raysync import isolated_export
 from raysync.errors import DestinationError, RunExistsError
-from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
-from tests.conftest import files_under, kept_workspace, s3_options
-
-
-def committed(run: Path) -> Manifest:
-    manifest = Manifest.from_bytes((run / MANIFEST_NAME).read_bytes())
-    verify_files(manifest, run, uri=str(run))
-    return manifest
+from raysync.manifest import MANIFEST_NAME, Manifest
+from tests.conftest import committed, files_under, kept_workspace, polling_reader, s3_options
 
 
 @contextlib.contextmanager
@@ -155,21 +148,7 @@ def test_worker_killed_mid_export_the_retry_commits_and_no_reader_sees_a_partial
         return os.getpid()
 
     dest = mount / "runs" / "k1"
-    seen_bad: list[str] = []
-    stop = threading.Event()
-
-    def reader() -> None:
-        while not stop.is_set():
-            if dest.exists():
-                try:
-                    committed(dest)
-                except Exception as e:  # noqa: BLE001 - recorded and asserted below
-                    seen_bad.append(repr(e))
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=reader)
-    watcher.start()
-    try:
+    with polling_reader(dest) as seen_bad:
         ref = run.remote("k1", str(pids))
         killed = None
         deadline = time.monotonic() + 60
@@ -182,9 +161,6 @@ def test_worker_killed_mid_export_the_retry_commits_and_no_reader_sees_a_partial
             time.sleep(0.05)
         assert killed is not None, "the export never started"
         r = ray.get(ref, timeout=180)
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
     assert r.value != killed  # the second attempt, in another worker process
     assert seen_bad == []  # no reader ever saw a partial run
     assert (dest / "data" / "big.bin").read_bytes() == content

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -22,8 +21,15 @@ from raysync.errors import (
     MissingDependencyError,
     RunExistsError,
 )
-from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
-from tests.conftest import RsyncDaemon, Sshd, files_under, kept_workspace
+from raysync.manifest import MANIFEST_NAME
+from tests.conftest import (
+    RsyncDaemon,
+    Sshd,
+    committed,
+    files_under,
+    kept_workspace,
+    polling_reader,
+)
 
 # Names rsync would take for options if they ever reached its command line.
 HOSTILE = ["-e evil", "--rsh=touch pwned", "--delete", "-", "a b\nc.txt", "--"]
@@ -41,12 +47,6 @@ def write_trees() -> dict[str, bytes]:
         Path(rel).parent.mkdir(parents=True, exist_ok=True)
         Path(rel).write_bytes(data)
     return out
-
-
-def committed(run: Path) -> Manifest:
-    manifest = Manifest.from_bytes((run / MANIFEST_NAME).read_bytes())
-    verify_files(manifest, run, uri=str(run))
-    return manifest
 
 
 def test_export_to_a_mounted_path_verifies_and_leaves_no_staging(
@@ -160,22 +160,8 @@ def test_rsync_killed_mid_transfer_is_retried_and_nothing_partial_is_committed(
         return len(content)
 
     dest = mount / "runs" / "k1"
-    seen_partial_commit: list[str] = []
-    stop = threading.Event()
-
-    def reader() -> None:
-        # A reader polling the run the whole time never sees it without a complete manifest.
-        while not stop.is_set():
-            if dest.exists():
-                try:
-                    committed(dest)
-                except Exception as e:  # noqa: BLE001 - recorded, asserted below
-                    seen_partial_commit.append(repr(e))
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=reader)
-    watcher.start()
-    try:
+    # A reader polling the run the whole time never sees it without a complete manifest.
+    with polling_reader(dest) as seen_partial_commit:
         ref = run.remote("k1")
         killed = None
         deadline = time.monotonic() + 60
@@ -188,9 +174,6 @@ def test_rsync_killed_mid_transfer_is_retried_and_nothing_partial_is_committed(
             time.sleep(0.05)
         assert killed is not None, "rsync never started transferring"
         r = ray.get(ref, timeout=120)
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
     assert seen_partial_commit == []
     assert r.stats.extra["rsync_attempts"] >= 2
     # The retry resumed from the killed attempt's partial file (--partial-dir) rather than
