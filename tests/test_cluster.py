@@ -301,3 +301,45 @@ def test_doctor_passes_host_sync_and_s3_on_both_nodes_and_fails_node2_for_a_host
     bad = by_node[node2.node_id]
     assert bad["ok"] is False and bad["exported"] is False
     assert "not visible on this node" in bad["problem"] and "mount" in bad["fix"]
+
+
+def test_node_killed_mid_export_the_retry_on_another_node_commits_and_no_reader_sees_partial(
+    node2: Node2, host: Path
+) -> None:
+    import time
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from tests.conftest import committed, polling_reader, stop_node2
+
+    content = random.Random(4).randbytes(40 * 1024 * 1024)
+    slow = {"chunk_size": 65536, "window": 1}
+
+    # Small chunks, one in flight: the export takes seconds, time to kill the node during it.
+    @ray.remote(max_retries=1)
+    @isolated_export("host://fleet-kill/{run_id}", storage_options=slow)
+    def run(run_id: str) -> str:
+        Path("data/big.bin").write_bytes(content)
+        return ray.get_runtime_context().get_node_id()
+
+    # Prefer node 2 (soft), so that the retry may run on the head once node 2 is gone.
+    prefer2 = NodeAffinitySchedulingStrategy(node2.node_id, soft=True)
+    dest = host / "fleet-kill" / "nk"
+    with polling_reader(dest) as seen_bad:
+        ref = run.options(scheduling_strategy=prefer2).remote("nk")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            staging = list((host / "fleet-kill").glob(".nk.raysync-staging-*/data/big.bin"))
+            if staging and staging[0].stat().st_size:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the export from node 2 never started")
+        stop_node2()  # the whole node, in the middle of the export
+        value = ray.get(ref, timeout=300).value
+    assert value == node2.driver_node_id  # the retry ran on the head
+    assert seen_bad == []
+    assert (dest / "data" / "big.bin").read_bytes() == content
+    manifest = committed(dest)
+    assert manifest.run["attempt"] == 1 and manifest.run["node_id"] == node2.driver_node_id
+    assert [p.name for p in (host / "fleet-kill").iterdir() if "staging" in p.name] == []
