@@ -258,3 +258,83 @@ def test_a_direct_call_outside_ray_does_not_start_ray() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["export/a.txt", "False"]
+
+
+DYING_DRIVER = """
+import os, sys, time
+from pathlib import Path
+import ray
+import raysync
+from raysync import isolated_export
+
+gcs, info = sys.argv[1], sys.argv[2]
+ray.init(address=gcs, _node_ip_address="127.0.0.2", log_to_driver=False)
+
+@ray.remote
+@isolated_export("host://out/{run_id}", storage_options={"chunk_size": 65536, "window": 1})
+def run(run_id, info):
+    Path(info, "workspace").write_text(f"{raysync.current_workspace().root} {os.getpid()}")
+    Path("data/big.bin").write_bytes(bytes(range(256)) * 160_000)  # 40 MB
+    return run_id
+
+ray.get(run.remote("r1", info))
+print("the export finished before the driver was killed")
+"""
+
+
+def test_the_driver_dying_during_host_sync_commits_nothing_and_the_files_stay_on_the_node(
+    ray_wd: Path, tmp_path: Path
+) -> None:
+    import sys
+
+    import psutil
+
+    cwd, info = tmp_path / "driver", tmp_path / "info"
+    cwd.mkdir()
+    info.mkdir()
+    (cwd / "driver.py").write_text(DYING_DRIVER)
+    gcs = ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, "driver.py", gcs, str(info)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            staged = list((cwd / "out").glob(".r1.raysync-staging-*/data/big.bin"))
+            if staged and staged[0].stat().st_size > 0:
+                break
+            assert driver.poll() is None, driver.communicate()[1][-2000:]
+            time.sleep(0.05)
+        else:
+            pytest.fail("the export never started")
+        driver.kill()  # the driver dies while its sink receives
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+    workspace, pid = (info / "workspace").read_text().split()
+    deadline = time.monotonic() + 60  # Ray ends the dead job's worker
+    while psutil.pid_exists(int(pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(int(pid))
+    assert not (cwd / "out" / "r1").exists()  # nothing committed
+    kept = Path(workspace) / "data" / "big.bin"
+    assert kept.read_bytes() == bytes(range(256)) * 160_000  # the files stay on the node
+    # What the dead sink was receiving is shown for what it is: an incomplete run.
+    listing = subprocess.run(
+        [sys.executable, "-m", "raysync", "ls", "host://out", "--json"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    import json
+
+    runs = json.loads(listing.stdout)
+    assert [(Path(r["uri"]).name, r["status"]) for r in runs] == [("r1", "incomplete")]
