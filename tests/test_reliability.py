@@ -20,7 +20,7 @@ import pytest
 import ray
 
 from raysync import isolated_export
-from raysync.errors import DestinationError, RunExistsError
+from raysync.errors import DestinationError, RaySyncError, RunExistsError
 from raysync.manifest import MANIFEST_NAME, Manifest
 from tests.conftest import committed, files_under, kept_workspace, polling_reader, s3_options
 
@@ -220,21 +220,51 @@ NAMES = {
 }
 
 
-@pytest.mark.parametrize("label", sorted(NAMES))
-def test_unusual_file_names_round_trip_exactly(
-    label: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture(params=["local", "rsync", "host", "s3"])
+def any_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str, dict[str, Any] | None]:
+    """(name, output_uri template with {run}, storage_options) for each backend."""
     monkeypatch.chdir(tmp_path)
+    if request.param == "local":
+        return "local", "runs/{run}", None
+    if request.param == "rsync":
+        return "rsync", f"rsync://{tmp_path}/runs/{{run}}", None
+    if request.param == "host":
+        request.getfixturevalue("ray_wd")
+        monkeypatch.chdir(tmp_path)
+        return "host", "host://runs/{run}", None
+    endpoint = request.getfixturevalue("moto_endpoint")
+    bucket = request.getfixturevalue("bucket")
+    return "s3", f"s3://{bucket}/runs/{{run}}", s3_options(endpoint)
+
+
+@pytest.mark.parametrize("label", sorted(NAMES))
+def test_unusual_file_names_round_trip_exactly_or_are_refused_clearly(
+    label: str, any_backend: tuple[str, str, dict[str, Any] | None], tmp_path: Path
+) -> None:
+    backend, uri, options = any_backend
     name = NAMES[label]
 
-    @isolated_export("runs/{run}")
+    @isolated_export(uri, storage_options=options)
     def run(run: str) -> None:
         Path("export", name).write_bytes(label.encode())
 
+    if backend == "s3" and label in ("non-UTF-8 bytes", "newline"):
+        # An S3 key is UTF-8; and this S3 server (moto) answers 404 to a key with a newline.
+        # Either way: a clear error naming the file, nothing committed, the files kept.
+        import s3fs
+
+        with pytest.raises(RaySyncError) as info:
+            run(run="n")
+        said = str(info.value)
+        assert "not a valid UTF-8 name" in said or "1 of 1 file(s) could not be uploaded" in said
+        assert (kept_workspace(str(info.value)) / "export" / name).exists()
+        fs = s3fs.S3FileSystem(**(options or {}))
+        assert not fs.exists(uri.format(run="n") + "/" + MANIFEST_NAME)
+        return
     r = run(run="n")
     assert [f.path for f in r.manifest.files] == [f"export/{name}"]
-    assert (tmp_path / "runs" / "n" / "export" / name).read_bytes() == label.encode()
-    committed(tmp_path / "runs" / "n")  # the manifest (JSON) round-trips the name
     back = r.materialize(tmp_path / "back")
     assert (back / "export" / name).read_bytes() == label.encode()
 

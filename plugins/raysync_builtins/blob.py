@@ -39,6 +39,7 @@ from raysync.errors import (
     MissingDependencyError,
     RaySyncError,
     RunExistsError,
+    TreeError,
 )
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
 from raysync.result import ExportResult, place_files
@@ -330,6 +331,13 @@ class BlobBackend:
     ) -> None:
         for e in request.files:
             check_relpath(e.path)  # never a key outside the run (zip-slip)
+            try:
+                e.path.encode("utf-8")
+            except UnicodeEncodeError:
+                raise TreeError(
+                    f"{e.path!r} is not a valid UTF-8 name, which object store keys must be",
+                    hint="rename the file (its name holds bytes that are not UTF-8)",
+                ) from None
         budget = ByteBudget(opts.upload_bytes_in_flight)
         failed: dict[str, BaseException] = {}
         # Large files on S3 send several parts at once, from a pool of their own (a file's
