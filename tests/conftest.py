@@ -275,13 +275,16 @@ class LoopbackServer:
 class RsyncDaemon(LoopbackServer):
     """A real ``rsync --daemon`` on 127.0.0.1 with its own config file and port.
 
-    Modules: ``runs`` (read-write, at ``self.root / "runs"``) and ``ro`` (read-only).
+    Modules: ``runs`` (read-write, at ``self.root / "runs"``), ``ro`` (read-only) and
+    ``denied`` (writable, but the daemon writes as uid 65534 into a directory it does not own:
+    permission denied, when the tests run as root).
     """
 
     def __init__(self, base: Path) -> None:
         self.root = base
         (base / "runs").mkdir()
         (base / "ro").mkdir()
+        (base / "denied").mkdir(mode=0o755)
         self.port = free_port()
         conf = base / "rsyncd.conf"
         conf.write_text(
@@ -292,6 +295,9 @@ class RsyncDaemon(LoopbackServer):
             f"gid = {os.getgid()}\n"
             f"[runs]\n  path = {base}/runs\n  read only = false\n"
             f"[ro]\n  path = {base}/ro\n  read only = true\n"
+            # Writable, but served as an unprivileged user into a directory it cannot write.
+            f"[denied]\n  path = {base}/denied\n  read only = false\n"
+            "  uid = 65534\n  gid = 65534\n"
         )
         rsync = shutil.which("rsync")
         if rsync is None:

@@ -231,6 +231,27 @@ def test_read_only_daemon_module_fails_clearly_and_keeps_the_artifacts(
     assert list((rsync_daemon.root / "ro").iterdir()) == []
 
 
+def test_permission_denied_on_the_destination_fails_clearly_and_keeps_the_artifacts(
+    ray_wd: Path, rsync_daemon: RsyncDaemon
+) -> None:
+    import os
+
+    if os.getuid() != 0:
+        pytest.skip("the daemon can only switch to another user when the tests run as root")
+
+    @ray.remote(max_retries=0)
+    @isolated_export(f"{rsync_daemon.url}/denied/runs/{{run_id}}", storage_options={"retries": 0})
+    def run(run_id: str) -> None:
+        Path("export/result.txt").write_text("precious")
+
+    with pytest.raises(ExportError) as info:
+        ray.get(run.remote("p1"))
+    text = str(info.value)
+    assert "Permission denied" in text and "not writable" in text
+    assert (kept_workspace(text) / "export" / "result.txt").read_text() == "precious"
+    assert list((rsync_daemon.root / "denied").iterdir()) == []
+
+
 def test_unreachable_daemon_fails_clearly_after_retries(ray_wd: Path) -> None:
     import socket
 
