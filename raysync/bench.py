@@ -7,6 +7,7 @@ Backends (``--backend``):
   127.0.0.1 over HTTPS (``pip install 'raysync[bench]'``), or ``--endpoint URL``.
   ``small`` shape: the server's own PUT ceiling (boto3 ``put_object`` from 16 threads, data
   in memory) and naive ``s3fs.put(recursive=True)``; ``large``: boto3's transfer manager.
+- ``local`` (local-copy) against ``cp -a`` and ``shutil.copytree``;
 - ``rsync`` to a mounted path (a local directory here) against plain ``rsync -a``.
 
 Shapes (``--shape``): ``small``, many 4 KiB files in nested directories; ``large``, a few
@@ -190,13 +191,14 @@ def moto_server(*, tls: bool = True) -> Iterator[str]:
             proc.wait(timeout=10)
 
 
-class RsyncBench:
-    """The rsync backend to a mounted path (here a local directory) against plain rsync."""
+class DirBench:
+    """Backends that write a directory (local-copy, rsync to a mount) against the tools a
+    user would otherwise run: ``cp -a``, ``shutil.copytree``, plain ``rsync -a``."""
 
     def __init__(self, base: Path) -> None:
-        self.binary = shutil.which("rsync")
-        self.base = base / "mount"
-        self.base.mkdir()
+        self.rsync = shutil.which("rsync")
+        self.cp = shutil.which("cp")
+        self.base = Path(tempfile.mkdtemp(prefix="mount-", dir=base))
 
     def dest(self) -> Path:
         return self.base / f"run-{uuid.uuid4().hex[:10]}"
@@ -206,11 +208,20 @@ class RsyncBench:
         for p in self.base.glob("run-*"):
             shutil.rmtree(p)
 
-    def plain(self, root: Path) -> None:
-        assert self.binary is not None
-        subprocess.run([self.binary, "-a", f"{root}/export/", str(self.dest())], check=True)
+    def cp_a(self, root: Path) -> None:
+        assert self.cp is not None
+        subprocess.run([self.cp, "-a", f"{root}/export", str(self.dest())], check=True)
 
-    def raysync(self, root: Path) -> None:
+    def copytree(self, root: Path) -> None:
+        shutil.copytree(root / "export", self.dest())
+
+    def rsync_a(self, root: Path) -> None:
+        assert self.rsync is not None
+        subprocess.run([self.rsync, "-a", f"{root}/export/", str(self.dest())], check=True)
+
+    def export(self, root: Path, scheme: str, prefix: str) -> None:
+        """One call's export through the registry, as the core does it: the driver's
+        ``prepare`` (cheap, repeated here) and the worker's ``export``."""
         from raysync.backend import ExportRequest
         from raysync.registry import get_registry
         from raysync.target import Target
@@ -219,13 +230,11 @@ class RsyncBench:
         manifest = Manifest(
             files=files, run={"status": "succeeded", "task_id": "bench"}, trees=["export"]
         )
-        uri = f"rsync://{self.dest()}"
-        backend = get_registry().for_scheme("rsync")
-        # What the driver does once (prepare) and the worker per call (export).
-        prepared = backend.prepare(Target(f"rsync://{self.base}/{{run}}", "rsync", {}))
+        backend = get_registry().for_scheme(scheme)
+        prepared = backend.prepare(Target(f"{prefix}{self.base}/{{run}}", scheme, {}))
         backend.export(
             ExportRequest(
-                target=Target(uri, "rsync", {}),
+                target=Target(f"{prefix}{self.dest()}", scheme, {}),
                 files=files,
                 manifest=manifest,
                 workspace=root,
@@ -235,9 +244,15 @@ class RsyncBench:
             )
         )
 
+    def raysync_local(self, root: Path) -> None:
+        self.export(root, "file", "")
+
+    def raysync_rsync(self, root: Path) -> None:
+        self.export(root, "rsync", "rsync://")
+
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    backends = ["fsspec", "rsync"] if args.backend == "all" else [args.backend]
+    backends = ["fsspec", "local", "rsync"] if args.backend == "all" else [args.backend]
     report: dict[str, Any] = {
         "machine": {
             "python": platform.python_version(),
@@ -290,20 +305,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         for shape in shapes
                     },
                 }
+        where = args.tmp or tempfile.gettempdir()
+        if "local" in backends:
+            d = DirBench(Path(tmp))
+            contenders: dict[str, Callable[[Path], None]] = {
+                "cp -a": d.cp_a,
+                "shutil.copytree": d.copytree,
+                "raysync local": d.raysync_local,
+            }
+            report["backends"]["local"] = {
+                "target": f"a local directory (under {where})",
+                "shapes": {
+                    shape: _measure(args, shape, contenders, between=d.clear) for shape in shapes
+                },
+            }
         if "rsync" in backends:
-            rs = RsyncBench(Path(tmp))
-            if rs.binary is None:
+            d = DirBench(Path(tmp))
+            if d.rsync is None:
                 print("raysync bench: rsync is not installed; skipping it", file=sys.stderr)
             else:
-                where = args.tmp or tempfile.gettempdir()
                 report["backends"]["rsync"] = {
                     "target": f"a local directory as the mount (under {where})",
                     "shapes": {
                         shape: _measure(
                             args,
                             shape,
-                            {"rsync -a": rs.plain, "raysync rsync": rs.raysync},
-                            between=rs.clear,
+                            {"rsync -a": d.rsync_a, "raysync rsync": d.raysync_rsync},
+                            between=d.clear,
                         )
                         for shape in shapes
                     },
@@ -372,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--backend", choices=["fsspec", "rsync", "all"], default="all")
+    parser.add_argument("--backend", choices=["fsspec", "local", "rsync", "all"], default="all")
     parser.add_argument("--shape", choices=["small", "large", "all"], default="all")
     parser.add_argument("--files", type=int, default=2000, help="files in the small shape")
     parser.add_argument("--large-size", type=int, default=64, help="MiB per large file")

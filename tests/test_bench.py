@@ -30,8 +30,9 @@ def test_bench_runs_every_backend_and_shape_and_reports_ratios() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    fsspec, rsync = report["backends"]["fsspec"]["shapes"], report["backends"]["rsync"]["shapes"]
-    for shapes in (fsspec, rsync):
+    backends = report["backends"]
+    fsspec, local, rsync = (backends[b]["shapes"] for b in ("fsspec", "local", "rsync"))
+    for shapes in (fsspec, local, rsync):
         small, large = shapes["small"], shapes["large"]
         assert small["files"] == 30 and small["bytes"] == 30 * 4096
         assert large["files"] == 1 and large["bytes"] == 6 * 1024 * 1024
@@ -45,3 +46,4 @@ def test_bench_runs_every_backend_and_shape_and_reports_ratios() -> None:
         "raysync fsspec",
     }
     assert set(rsync["large"]["results"]) == {"rsync -a", "raysync rsync"}
+    assert set(local["small"]["results"]) == {"cp -a", "shutil.copytree", "raysync local"}

@@ -14,11 +14,12 @@ import secrets
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import raysync
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
-from raysync.copy import copy_and_hash
+from raysync.copy import CHUNK, copy_and_hash
 from raysync.errors import (
     ConfigError,
     DestinationError,
@@ -31,6 +32,8 @@ from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
 from raysync.result import ExportResult, place_files, read_path_chunks
 from raysync.target import Target, split_scheme
 
+#: Threads copying one run's files (reads, hashes and writes release the GIL).
+COPY_THREADS = min(8, os.cpu_count() or 2)
 TOKEN_NAME = ".raysync-visible"  # noqa: S105 - a file name, not a secret
 
 
@@ -264,12 +267,23 @@ class LocalCopyBackend:
             raise destination_error(e, dest.parent, request, uri) from e
         try:
             made: set[Path] = {staging}
+            jobs = []
             for entry in request.files:
                 out = safe_join(staging, entry.path)
                 if out.parent not in made:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     made.add(out.parent)
-                copy_and_hash(entry, out)
+                jobs.append((entry, out))
+            # Large files are copied (and hashed) by a few threads — reading, hashing and
+            # writing release the GIL, so they use every core — while this thread copies the
+            # small ones, for which a thread hand-off would cost more than the copy.
+            with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="raysync-copy") as pool:
+                large = [pool.submit(copy_and_hash, f, o) for f, o in jobs if f.size >= CHUNK]
+                for f, o in jobs:
+                    if f.size < CHUNK:
+                        copy_and_hash(f, o)
+                for done in large:
+                    done.result()
             # The manifest is written last: a directory holding one is a complete run.
             (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
             commit_dir(staging, dest, replace=replace, uri=uri)
