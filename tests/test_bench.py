@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_bench_runs_every_backend_and_shape_and_reports_ratios() -> None:
@@ -47,3 +48,21 @@ def test_bench_runs_every_backend_and_shape_and_reports_ratios() -> None:
     }
     assert set(rsync["large"]["results"]) == {"rsync -a", "raysync rsync"}
     assert set(local["small"]["results"]) == {"cp -a", "shutil.copytree", "raysync local"}
+
+
+def test_the_benchmark_matrix_script_writes_the_report_and_the_tables(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "matrix.py"
+    bench = ["--backend", "local", "--files", "20", "--large-size", "2", "--large-files", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(script), "--repeat", "1", "--out", str(tmp_path), "--", *bench],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report_file,) = tmp_path.glob("bench-*.json")
+    report = json.loads(report_file.read_text())
+    assert list(report["backends"]) == ["local"]
+    assert "### local" in proc.stdout and "| raysync local |" in proc.stdout
+    assert proc.stdout.count("| cp -a |") == 2 and "20 files" in proc.stdout  # per shape
