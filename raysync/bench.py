@@ -8,7 +8,9 @@ Backends (``--backend``):
   ``small`` shape: the server's own PUT ceiling (boto3 ``put_object`` from 16 threads, data
   in memory) and naive ``s3fs.put(recursive=True)``; ``large``: boto3's transfer manager.
 - ``local`` (local-copy) against ``cp -a`` and ``shutil.copytree``;
-- ``rsync`` to a mounted path (a local directory here) against plain ``rsync -a``.
+- ``rsync`` to a mounted path (a local directory here) against plain ``rsync -a``;
+- ``ray``: the decorator's per-call overhead on a local Ray (an empty tree against a bare
+  task) and return-by-value throughput (against a task returning the same bytes).
 
 Shapes (``--shape``): ``small``, many 4 KiB files in nested directories; ``large``, a few
 large files. Each repetition writes to a fresh destination, and the contenders take turns
@@ -252,7 +254,7 @@ class DirBench:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    backends = ["fsspec", "local", "rsync"] if args.backend == "all" else [args.backend]
+    backends = ["fsspec", "local", "rsync", "ray"] if args.backend == "all" else [args.backend]
     report: dict[str, Any] = {
         "machine": {
             "python": platform.python_version(),
@@ -336,7 +338,80 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         for shape in shapes
                     },
                 }
+        if "ray" in backends:
+            report["backends"]["ray"] = {
+                "target": "a local Ray (2 CPUs); files/s is calls/s",
+                "shapes": ray_overhead(args),
+            }
     return report
+
+
+def ray_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    """The decorator on a real local Ray: per-call overhead (an empty tree against a bare
+    task) and return-by-value throughput (against returning the same bytes directly)."""
+    import ray
+
+    from raysync import isolated_export
+
+    calls, size = args.calls, args.value_size * MIB
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.2",
+            include_dashboard=False,
+            num_cpus=2,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    try:
+
+        def bare() -> int:
+            return 0
+
+        def blob() -> bytes:
+            return os.urandom(size)
+
+        def write_blob() -> None:
+            Path("export/blob.bin").write_bytes(os.urandom(size))
+
+        overhead = {
+            "bare ray task": ray.remote(bare),
+            "raysync, empty tree, by value": ray.remote(isolated_export(None)(bare)),
+        }
+        value = {
+            "ray task returning the bytes": ray.remote(blob),
+            "raysync by value (a file)": ray.remote(isolated_export(None)(write_blob)),
+        }
+        for f in (*overhead.values(), *value.values()):
+            ray.get(f.remote())  # warm the workers
+        out: dict[str, Any] = {}
+        for shape, group, n, nbytes in (
+            ("overhead", overhead, calls, 0),
+            ("by value", value, max(3, calls // 40), size),
+        ):
+            times: dict[str, list[float]] = {name: [] for name in group}
+            for _ in range(args.repeat):
+                for name, f in group.items():
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        ray.get(f.remote())
+                    times[name].append(time.perf_counter() - t0)
+            baseline = next(iter(group))
+            rows = {}
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                rows[name] = {
+                    "median_s": med,
+                    "files_per_s": n / med,  # calls per second
+                    "mb_per_s": n * nbytes / 1e6 / med,
+                    "ratio_to_baseline": statistics.median(times[baseline]) / med,
+                }
+            out[shape] = {"files": n, "bytes": n * nbytes, "baseline": baseline, "results": rows}
+        return out
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _measure(
@@ -400,7 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--backend", choices=["fsspec", "local", "rsync", "all"], default="all")
+    parser.add_argument(
+        "--backend", choices=["fsspec", "local", "rsync", "ray", "all"], default="all"
+    )
+    parser.add_argument("--calls", type=int, default=200, help="calls per overhead timing")
+    parser.add_argument("--value-size", type=int, default=64, help="MiB per by-value call")
     parser.add_argument("--shape", choices=["small", "large", "all"], default="all")
     parser.add_argument("--files", type=int, default=2000, help="files in the small shape")
     parser.add_argument("--large-size", type=int, default=64, help="MiB per large file")

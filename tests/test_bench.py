@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import stop_ray
+
 
 def test_bench_runs_every_backend_and_shape_and_reports_ratios() -> None:
+    stop_ray()  # the bench starts its own local Ray: one cluster at a time
     proc = subprocess.run(
         [
             sys.executable,
@@ -21,6 +24,10 @@ def test_bench_runs_every_backend_and_shape_and_reports_ratios() -> None:
             "--large-files",
             "1",
             "--repeat",
+            "1",
+            "--calls",
+            "5",
+            "--value-size",
             "1",
             "--json",
         ],
@@ -48,6 +55,12 @@ def test_bench_runs_every_backend_and_shape_and_reports_ratios() -> None:
     }
     assert set(rsync["large"]["results"]) == {"rsync -a", "raysync rsync"}
     assert set(local["small"]["results"]) == {"cp -a", "shutil.copytree", "raysync local"}
+    ray_shapes = backends["ray"]["shapes"]
+    assert ray_shapes["overhead"]["files"] == 5
+    assert ray_shapes["by value"]["bytes"] == 3 * 1024 * 1024  # 3 calls of 1 MiB
+    for shape in ray_shapes.values():
+        for row in shape["results"].values():
+            assert row["median_s"] > 0 and row["files_per_s"] > 0
 
 
 def test_the_benchmark_matrix_script_writes_the_report_and_the_tables(tmp_path: Path) -> None:
