@@ -250,16 +250,15 @@ class LoopbackServer:
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + 20
-        while True:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
             except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    said = log.read_text()[-500:] if log.exists() else ""
-                    (pytest.skip if skip else pytest.fail)(f"{what} did not start: {said}")
                 time.sleep(0.05)
+        self.stop()
+        said = log.read_text()[-500:] if log.exists() else ""
+        (pytest.skip if skip else pytest.fail)(f"{what} did not start: {said}")
 
     def stop(self) -> None:
         import subprocess
