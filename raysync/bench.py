@@ -397,17 +397,7 @@ def ray_overhead(args: argparse.Namespace) -> dict[str, Any]:
                     for _ in range(n):
                         ray.get(f.remote())
                     times[name].append(time.perf_counter() - t0)
-            baseline = next(iter(group))
-            rows = {}
-            for name, ts in times.items():
-                med = statistics.median(ts)
-                rows[name] = {
-                    "median_s": med,
-                    "files_per_s": n / med,  # calls per second
-                    "mb_per_s": n * nbytes / 1e6 / med,
-                    "ratio_to_baseline": statistics.median(times[baseline]) / med,
-                }
-            out[shape] = {"files": n, "bytes": n * nbytes, "baseline": baseline, "results": rows}
+            out[shape] = _summary(times, n, n * nbytes)  # "files" are calls here
         return out
     finally:
         if started:
@@ -438,7 +428,12 @@ def _measure(
                         f"  {shape}: {name} rep {rep + 1}/{args.repeat}: {times[name][-1]:.2f}s",
                         file=sys.stderr,
                     )
-    baseline = next(iter(contenders))
+    return _summary(times, nfiles, nbytes)
+
+
+def _summary(times: dict[str, list[float]], nfiles: int, nbytes: int) -> dict[str, Any]:
+    """Medians, rates and ratios to the first contender (the baseline)."""
+    baseline = next(iter(times))
     rows = {}
     for name, ts in times.items():
         med = statistics.median(ts)
