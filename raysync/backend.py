@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from raysync import checksum as checksum_mod
 from raysync.manifest import FileEntry, Manifest
 from raysync.target import Target
 
@@ -40,7 +41,8 @@ class ExportRequest:
 
     #: The rendered destination (relative paths resolve against ``target.base_dir``).
     target: Target
-    #: The files to export, unhashed; the backend sets each ``sha256`` while copying.
+    #: The files to export, unhashed; the backend sets each ``digest`` while copying (with
+    #: :meth:`new_hash`, or the helpers in :mod:`raysync.copy`).
     files: list[FileEntry]
     #: The manifest to commit last (its ``files`` are ``files``).
     manifest: Manifest
@@ -52,6 +54,15 @@ class ExportRequest:
     task_id: str
     #: What the backend's ``prepare`` returned on the driver.
     prepared: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def checksum(self) -> str:
+        """The manifest's checksum algorithm (``xxh3-128`` unless the user chose another)."""
+        return self.manifest.checksum
+
+    def new_hash(self) -> checksum_mod.Hasher:
+        """A fresh hasher of the manifest's algorithm: ``update(bytes)``, ``hexdigest()``."""
+        return checksum_mod.new(self.manifest.checksum)
 
 
 @dataclass

@@ -8,7 +8,6 @@ Exit codes: 0 success, 1 a check failed (``verify`` found bad files, no committe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raysync import checksum
 from raysync.backend import RunInfo, RunReader
 from raysync.errors import ConfigError, IntegrityError, RaySyncError
 from raysync.manifest import FileEntry
@@ -103,7 +103,7 @@ def _verify(args: argparse.Namespace) -> int:
         return _report(args, {"uri": shown, "ok": False, "error": "no committed run"}, 1)
     bad: list[str] = []
     for f in manifest.files:
-        h = hashlib.sha256()
+        h = checksum.new(manifest.checksum)
         size = 0
         try:
             for chunk in reader.read(f):
@@ -112,7 +112,7 @@ def _verify(args: argparse.Namespace) -> int:
         except (OSError, RaySyncError):
             bad.append(f.path)
             continue
-        if size != f.size or h.hexdigest() != f.sha256:
+        if size != f.size or h.hexdigest() != f.digest:
             bad.append(f.path)
     out = {
         "uri": shown,
@@ -187,7 +187,14 @@ def _pull(args: argparse.Namespace) -> int:
 
     dest = Path(args.dest).absolute()
     try:
-        place_files(dest, manifest.files, read, uri=shown, overwrite=args.overwrite)
+        place_files(
+            dest,
+            manifest.files,
+            read,
+            uri=shown,
+            overwrite=args.overwrite,
+            checksum=manifest.checksum,
+        )
     except IntegrityError as e:
         progress.finish()
         out = {"uri": shown, "ok": False, "error": "files do not match the manifest"}

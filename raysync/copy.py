@@ -1,15 +1,64 @@
-"""One-pass copy helpers backends share: read once, hash and write from the same buffer."""
+"""The copy engine backends share: read once, hash and write from the same buffer.
+
+- **One pass.** Every byte is read once; the checksum is computed from the buffer that is
+  written, so there is no second read to hash.
+- **Streaming.** Large files go through a 1 MiB buffer per thread: memory stays bounded for
+  any file size.
+- **Parallel, sized to the machine and the destination.** Large files are spread over
+  :func:`copy_threads` threads (reads, hashes and writes release the GIL). Small files, where
+  the per-file system calls dominate, are split into a few batches — one thread hand-off per
+  batch, not per file — on disks, where the threads overlap I/O waits, and copied on one
+  thread on memory filesystems (tmpfs), where the work is CPU-bound and threads only contend.
+- **Few system calls for small files.** A small file is read with one ``read``, created with
+  ``O_EXCL`` and its mode in one ``open``, and written with one ``write``.
+
+Why not ``copy_file_range``/``sendfile`` or reflinks: they move the bytes inside the kernel,
+so the checksum would need a second read of every file. On ext4 and tmpfs (no reflinks)
+the measured one-pass loop was as fast as ``copy_file_range`` plus a hashing read; see
+docs/benchmarks.md.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from raysync import checksum
 from raysync.errors import TreeError
 from raysync.manifest import FileEntry
 
 CHUNK = 1 << 20
+#: Files from this size on are streamed in chunks by the thread pool; smaller ones are read
+#: whole and copied in batches.
+LARGE = CHUNK
+#: File system types where copying is CPU-bound (no I/O wait to overlap).
+MEMORY_FS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
+
+
+def copy_threads() -> int:
+    """Threads for large files: two per core, at least 2, at most 8."""
+    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+
+
+def fs_type(path: Path) -> str:
+    """The file system type of the mount holding ``path`` (``""`` when unknown)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return ""
+    best, kind = "", ""
+    target = str(path.resolve())
+    for fields in mounts:
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
 
 
 def changed_error(entry: FileEntry, seen: int) -> TreeError:
@@ -22,34 +71,138 @@ def changed_error(entry: FileEntry, seen: int) -> TreeError:
     )
 
 
-def copy_and_hash(entry: FileEntry, dst: Path) -> None:
-    """Copy ``entry.source`` to ``dst`` (created, must not exist) and set ``entry.sha256``.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _create(dst: Path, mode: int) -> int:
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    if mode & _UMASK:
+        os.fchmod(fd, mode)  # open() applied the umask
+    return fd
+
+
+def copy_small(entry: FileEntry, dst: Path, algorithm: str = checksum.DEFAULT) -> None:
+    """Copy a small file with one read and one write; set ``entry.digest``."""
+    assert entry.source is not None
+    fd = os.open(entry.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        data = os.read(fd, entry.size + 1)
+        while len(data) < entry.size + 1:
+            more = os.read(fd, entry.size + 1 - len(data))
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
+    if len(data) != entry.size:
+        raise changed_error(entry, len(data))
+    h = checksum.new(algorithm)
+    h.update(data)
+    out = _create(dst, entry.mode)
+    try:
+        _write_all(out, data)
+    finally:
+        os.close(out)
+    entry.digest = h.hexdigest()
+
+
+def copy_and_hash(entry: FileEntry, dst: Path, algorithm: str = checksum.DEFAULT) -> None:
+    """Copy ``entry.source`` to ``dst`` (created, must not exist) and set ``entry.digest``.
 
     Streams in 1 MiB chunks, so memory stays bounded for any file size, and reads the
     source once: the checksum is computed from the bytes that were written.
     """
     assert entry.source is not None
-    h = hashlib.sha256()
-    buf = bytearray(min(CHUNK, max(entry.size, 1)))
+    if entry.size < LARGE:
+        copy_small(entry, dst, algorithm)
+        return
+    h = checksum.new(algorithm)
+    buf = bytearray(CHUNK)
     view = memoryview(buf)
     seen = 0
-    with open(entry.source, "rb") as src, open(dst, "xb") as out:
-        while True:
-            n = src.readinto(buf)
-            if not n:
-                break
-            chunk = view[:n]
-            h.update(chunk)
-            out.write(chunk)
+    with open(entry.source, "rb", buffering=0) as src:
+        out = _create(dst, entry.mode)
+        try:
+            while n := src.readinto(buf):
+                chunk = view[:n]
+                h.update(chunk)
+                _write_all(out, chunk)
+                seen += n
+        finally:
+            os.close(out)
+    if seen != entry.size:
+        raise changed_error(entry, seen)
+    entry.digest = h.hexdigest()
+
+
+def copy_files(
+    jobs: Sequence[tuple[FileEntry, Path]],
+    algorithm: str = checksum.DEFAULT,
+    *,
+    dest_fs: Path | None = None,
+    threads: int | None = None,
+) -> None:
+    """Copy every ``(entry, dst)`` pair (parent directories must exist), setting digests.
+
+    ``dest_fs`` is any path on the destination file system; it picks the small-file
+    strategy (see the module docstring). The first error is raised once every thread has
+    stopped.
+    """
+    large = [j for j in jobs if j[0].size >= LARGE]
+    small = [j for j in jobs if j[0].size < LARGE]
+    n = threads or copy_threads()
+    memory = dest_fs is not None and fs_type(dest_fs) in MEMORY_FS
+    parts = 1 if memory or len(small) < 256 else min(n, 4)
+    batches = [small[i::parts] for i in range(parts)]
+
+    def run_batch(batch: list[tuple[FileEntry, Path]]) -> None:
+        for entry, dst in batch:
+            copy_small(entry, dst, algorithm)
+
+    if not large and parts == 1:
+        run_batch(small)
+        return
+    with ThreadPoolExecutor(n, thread_name_prefix="raysync-copy") as pool:
+        futures: list[Future[None]] = [
+            pool.submit(copy_and_hash, e, d, algorithm) for e, d in large
+        ]
+        futures += [pool.submit(run_batch, b) for b in batches[1:]]
+        try:
+            run_batch(batches[0])
+        finally:
+            errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+
+
+def hash_entry(entry: FileEntry, algorithm: str = checksum.DEFAULT) -> None:
+    """Read ``entry.source`` once and set ``entry.digest`` (for backends that send the
+    bytes some other way, e.g. rsync)."""
+    assert entry.source is not None
+    h = checksum.new(algorithm)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    seen = 0
+    with open(entry.source, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
             seen += n
     if seen != entry.size:
         raise changed_error(entry, seen)
-    os.chmod(dst, entry.mode)
-    entry.sha256 = h.hexdigest()
+    entry.digest = h.hexdigest()
 
 
-def read_and_hash(entry: FileEntry, into: memoryview) -> None:
-    """Read ``entry.source`` into ``into`` (exactly ``entry.size`` bytes) and set its sha256."""
+def read_and_hash(entry: FileEntry, into: memoryview, algorithm: str = checksum.DEFAULT) -> None:
+    """Read ``entry.source`` into ``into`` (exactly ``entry.size`` bytes) and set its digest."""
     assert entry.source is not None
     seen = 0
     with open(entry.source, "rb") as src:
@@ -61,13 +214,9 @@ def read_and_hash(entry: FileEntry, into: memoryview) -> None:
         extra = src.read(1)
     if seen != entry.size or extra:
         raise changed_error(entry, seen + len(extra))
-    entry.sha256 = hashlib.sha256(into).hexdigest()
+    entry.digest = checksum.of_bytes(into, algorithm)
 
 
-def hash_file(path: Path) -> str:
-    """sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def hash_file(path: Path, algorithm: str = checksum.DEFAULT) -> str:
+    """Hex digest of a file, streamed."""
+    return checksum.of_file(path, algorithm)

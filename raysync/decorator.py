@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 
 import ray
 
+from raysync import checksum as checksum_mod
 from raysync import driver, workspace
 from raysync.backend import CONFLICT_POLICIES, Conflict, ExportRequest
 from raysync.errors import (
@@ -55,6 +56,7 @@ class _Config:
     conflict: Conflict
     chdir: bool
     keep_workspace: bool
+    checksum: str = checksum_mod.DEFAULT
     key: str = ""
     function: str = ""
     fields: tuple[str, ...] = field(default_factory=tuple)
@@ -71,6 +73,7 @@ def isolated_export(
     conflict: Conflict = "error",
     chdir: bool = True,
     keep_workspace: bool = False,
+    checksum: str = checksum_mod.DEFAULT,
 ) -> Callable[[F], F]:
     """Run every call of a Ray task or actor method in a private workspace, then export it.
 
@@ -91,6 +94,9 @@ def isolated_export(
         decorated methods one at a time). ``False``: no cwd or env change, calls run
         concurrently, and code finds its directories with :func:`raysync.current_workspace`.
     :param keep_workspace: keep the workspace after a successful export (for debugging).
+    :param checksum: the manifest's per-file checksum: ``"xxh3-128"`` (default; fast, catches
+        corruption, not tamper-evident), ``"blake3"`` or ``"sha256"`` (tamper-evident, slower).
+        See docs/manifest.md.
 
     Works on plain functions and methods (put ``@ray.remote`` above it), and on top of an
     existing ``ray.remote`` function or actor class. Every decorated call returns an
@@ -106,6 +112,7 @@ def isolated_export(
         conflict,
         chdir,
         keep_workspace,
+        checksum,
     )
 
     def decorate(obj: F) -> F:
@@ -124,6 +131,7 @@ def _make_config(
     conflict: str,
     chdir: bool,
     keep_workspace: bool,
+    checksum: str = checksum_mod.DEFAULT,
 ) -> _Config:
     if output_uri is not None and (not isinstance(output_uri, str) or not output_uri.strip()):
         raise ConfigError(
@@ -175,6 +183,7 @@ def _make_config(
         conflict=cast(Conflict, conflict),
         chdir=chdir,
         keep_workspace=keep_workspace,
+        checksum=checksum_mod.check(checksum),
     )
 
 
@@ -357,7 +366,9 @@ def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResul
     t0 = time.perf_counter()
     try:
         files = scan(call.ws.root, call.cfg.trees)
-        manifest = Manifest(files=files, run=call.run, trees=list(call.cfg.trees))
+        manifest = Manifest(
+            files=files, run=call.run, trees=list(call.cfg.trees), checksum=call.cfg.checksum
+        )
         outcome = be.export(
             ExportRequest(
                 target=call.target,

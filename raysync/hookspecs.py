@@ -116,8 +116,9 @@ class ExportBackend(Protocol):
     def export(self, request: ExportRequest) -> ExportOutcome:
         """Persist one call's files; runs in the Ray worker after the call.
 
-        Copy every ``request.files`` entry (fill in its ``sha256`` while copying, with
-        :func:`raysync.copy.copy_and_hash` or :func:`raysync.copy.read_and_hash`), then commit:
+        Copy every ``request.files`` entry (fill in its ``digest`` while copying, with
+        :func:`raysync.copy.copy_files`, :func:`raysync.copy.copy_and_hash`,
+        :func:`raysync.copy.read_and_hash`, or ``request.new_hash()``), then commit:
         write ``request.manifest`` last, or rename a staged directory into place, so that a
         reader never sees a half-written run. Honour ``request.conflict``. On failure raise
         a :class:`raysync.errors.RaySyncError`; never delete the workspace files.

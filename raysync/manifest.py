@@ -14,26 +14,40 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from raysync import checksum as checksum_mod
 from raysync.errors import ConfigError, IntegrityError, TreeError, UnsafePathError
 
 FORMAT = "raysync.manifest"
-VERSION = 1
+VERSION = 2
+#: Versions this raysync reads: version 1 recorded a ``sha256`` per file.
+READS = (1, 2)
 #: File name of the manifest at the root of every committed run.
 MANIFEST_NAME = "raysync-manifest.json"
 
 
 @dataclass
 class FileEntry:
-    """One exported file. ``source`` is where it is on the worker (not serialised)."""
+    """One exported file. ``digest`` is its checksum (the manifest's algorithm, hex);
+    ``source`` is where it is on the worker and ``pack`` where a packed file lies inside an
+    archive (``{"object": ..., "offset": ...}``); ``source`` is not serialised."""
 
     path: str
     size: int
     mode: int
-    sha256: str | None = None
+    digest: str | None = None
     source: Path | None = field(default=None, repr=False, compare=False)
+    pack: dict[str, Any] | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "mode": self.mode, "sha256": self.sha256}
+        out: dict[str, Any] = {
+            "path": self.path,
+            "size": self.size,
+            "mode": self.mode,
+            "digest": self.digest,
+        }
+        if self.pack is not None:
+            out["pack"] = self.pack
+        return out
 
 
 @dataclass
@@ -43,6 +57,8 @@ class Manifest:
     files: list[FileEntry]
     run: dict[str, Any]
     trees: list[str]
+    #: The algorithm of every ``digest`` (see :mod:`raysync.checksum`).
+    checksum: str = checksum_mod.DEFAULT
 
     @property
     def total_bytes(self) -> int:
@@ -56,6 +72,7 @@ class Manifest:
         return {
             "format": FORMAT,
             "version": VERSION,
+            "checksum": self.checksum,
             "run": self.run,
             "trees": self.trees,
             "totals": {"files": len(self.files), "bytes": self.total_bytes},
@@ -63,7 +80,7 @@ class Manifest:
         }
 
     def to_bytes(self) -> bytes:
-        missing = [f.path for f in self.files if f.sha256 is None]
+        missing = [f.path for f in self.files if f.digest is None]
         if missing:
             # A backend that forgot to hash would publish a manifest that cannot verify.
             raise IntegrityError("files were not hashed before commit", uri="-", bad=missing)
@@ -77,24 +94,34 @@ class Manifest:
             raise IntegrityError(f"manifest is not JSON ({e})", uri=uri, bad=[MANIFEST_NAME]) from e
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise IntegrityError("not a raysync manifest", uri=uri, bad=[MANIFEST_NAME])
-        if doc.get("version") != VERSION:
+        version = doc.get("version")
+        if version not in READS:
             raise IntegrityError(
-                f"manifest version {doc.get('version')!r} is not supported by this raysync "
-                f"(reads version {VERSION}); upgrade raysync",
+                f"manifest version {version!r} is not supported by this raysync "
+                f"(reads versions {', '.join(map(str, READS))}); upgrade raysync",
                 uri=uri,
                 bad=[MANIFEST_NAME],
             )
+        # Version 1 recorded sha256 digests under the key "sha256".
+        key, algorithm = ("sha256", "sha256") if version == 1 else ("digest", doc["checksum"])
         files = []
         for f in doc["files"]:
+            pack = f.get("pack")
             files.append(
                 FileEntry(
                     path=check_relpath(f["path"]),
                     size=int(f["size"]),
                     mode=int(f["mode"]),
-                    sha256=str(f["sha256"]),
+                    digest=str(f[key]),
+                    pack=dict(pack) if isinstance(pack, dict) else None,
                 )
             )
-        return cls(files=files, run=dict(doc["run"]), trees=list(doc["trees"]))
+        return cls(
+            files=files,
+            run=dict(doc["run"]),
+            trees=list(doc["trees"]),
+            checksum=str(algorithm),
+        )
 
 
 def check_relpath(path: str) -> str:
@@ -209,13 +236,11 @@ def scan(workspace: Path, trees: Sequence[str]) -> list[FileEntry]:
 def verify_files(manifest: Manifest, root: Path, *, uri: str) -> None:
     """Re-hash every file of ``manifest`` under ``root``; raise :class:`IntegrityError` naming
     the ones that are missing or differ."""
-    from raysync.copy import hash_file
-
     bad: list[str] = []
     for f in manifest.files:
         p = safe_join(root, f.path)
         try:
-            if p.stat().st_size != f.size or hash_file(p) != f.sha256:
+            if p.stat().st_size != f.size or checksum_mod.of_file(p, manifest.checksum) != f.digest:
                 bad.append(f.path)
         except FileNotFoundError:
             bad.append(f.path)

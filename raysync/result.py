@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raysync import checksum as checksum_mod
 from raysync.errors import IntegrityError, MaterializeError
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
 
@@ -36,7 +36,7 @@ class ExportResult:
     """The result of a call decorated with :func:`raysync.isolated_export`.
 
     ``value`` is what the function returned, ``uri`` where the committed run lives,
-    ``manifest`` every file with its size, mode and sha256.
+    ``manifest`` every file with its size, mode and digest.
     """
 
     value: Any
@@ -116,9 +116,11 @@ def place_files(
     read: Callable[[FileEntry], Iterator[bytes | memoryview]],
     *,
     uri: str,
+    checksum: str,
     overwrite: bool = False,
 ) -> None:
-    """Write ``files`` under ``dest``: all or nothing, each checked against its sha256.
+    """Write ``files`` under ``dest``: all or nothing, each checked against its digest
+    (algorithm ``checksum``).
 
     Every path is checked first (no escapes, no conflicting existing file); the files are
     staged in a hidden directory inside ``dest`` and verified; only then are they renamed into
@@ -126,12 +128,11 @@ def place_files(
     """
     targets = [safe_join(dest, f.path) for f in files]
     if not overwrite:
-        from raysync.copy import hash_file
-
         clashes = [
             f.path
             for f, t in zip(files, targets, strict=True)
-            if t.exists() and (t.stat().st_size != f.size or hash_file(t) != f.sha256)
+            if t.exists()
+            and (t.stat().st_size != f.size or checksum_mod.of_file(t, checksum) != f.digest)
         ]
         if clashes:
             raise MaterializeError(
@@ -147,13 +148,13 @@ def place_files(
         bad = []
         for i, f in enumerate(files):
             tmp = staging / str(i)
-            h = hashlib.sha256()
+            h = checksum_mod.new(checksum)
             with open(tmp, "xb") as out:
                 for chunk in read(f):
                     h.update(chunk)
                     out.write(chunk)
             os.chmod(tmp, f.mode)
-            if h.hexdigest() != f.sha256:
+            if h.hexdigest() != f.digest:
                 bad.append(f.path)
             staged.append(tmp)
         if bad:

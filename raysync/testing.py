@@ -16,7 +16,7 @@ Subclass :class:`BackendConformance` in your backend's tests, name the backend a
 The tests drive the backend through its hooks (``check``, ``prepare``, ``export``,
 ``materialize``) exactly as the core does, without Ray, so they run in milliseconds per
 backend (a backend that needs Ray itself, such as host-sync, starts it in its fixture).
-What they check: a round trip is byte for byte with every sha256 recorded; a failed export
+What they check: a round trip is byte for byte with every checksum recorded; a failed export
 commits nothing; paths that would escape the destination are refused; the conflict policy
 (``error``, a retry of the same task replaces, ``overwrite``); unknown options fail in
 ``check``; ``materialize`` never silently overwrites different files.
@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from raysync import checksum
 from raysync.backend import ExportRequest
 from raysync.errors import ConfigError, MaterializeError, RaySyncError, RunExistsError
 from raysync.hookspecs import ExportBackend
@@ -109,13 +110,17 @@ class BackendConformance:
         task_id: str = "task-1",
         conflict: str = "error",
         files: list[FileEntry] | None = None,
+        algorithm: str = checksum.DEFAULT,
     ) -> ExportResult:
         """What the core does for one call: prepare (driver), export (worker)."""
         backend = self.backend()
         prepared = backend.prepare(self.target(ct)) if backend.capabilities.needs_driver else {}
         entries = scan(ws, ["export", "data", "artifacts"]) if files is None else files
         manifest = Manifest(
-            files=entries, run={"task_id": task_id, "status": "succeeded"}, trees=["export"]
+            files=entries,
+            run={"task_id": task_id, "status": "succeeded"},
+            trees=["export"],
+            checksum=algorithm,
         )
         outcome = backend.export(
             ExportRequest(
@@ -142,13 +147,17 @@ class BackendConformance:
         return f"conf-{uuid.uuid4().hex[:10]}"
 
     # -- the guarantees ----------------------------------------------------------------------
+    @pytest.mark.parametrize("algorithm", checksum.ALGORITHMS)
     def test_round_trip_is_byte_for_byte_with_every_checksum_recorded(
-        self, conformance_target: ConformanceTarget, tmp_path: Path
+        self, conformance_target: ConformanceTarget, tmp_path: Path, algorithm: str
     ) -> None:
+        """With each checksum the user may choose: the backend hashes with
+        ``request.checksum`` (``request.new_hash()``), not a fixed algorithm."""
         files = _files()
-        result = self.export(conformance_target, self.workspace(tmp_path, files), self.run_id())
-        recorded = {f.path: f.sha256 for f in result.manifest.files}
-        assert recorded == {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}
+        ws = self.workspace(tmp_path, files)
+        result = self.export(conformance_target, ws, self.run_id(), algorithm=algorithm)
+        recorded = {f.path: f.digest for f in result.manifest.files}
+        assert recorded == {p: checksum.of_bytes(d, algorithm) for p, d in files.items()}
         out = result.materialize(tmp_path / "back")
         got = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
         assert got == files

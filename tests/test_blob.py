@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import ray
 
-from raysync import isolated_export
+from raysync import checksum, isolated_export
 from raysync.errors import ExportError, MissingDependencyError, RunExistsError
 from raysync.manifest import MANIFEST_NAME, Manifest
 from tests.conftest import files_under, kept_workspace, s3_options
@@ -111,7 +111,7 @@ def test_transient_503s_and_dropped_connections_are_retried_to_a_complete_run(
     manifest = Manifest.from_bytes(fs.cat_file(f"{bucket}/flaky/f1/{MANIFEST_NAME}"))
     for f in manifest.files:
         data = fs.cat_file(f"{bucket}/flaky/f1/{f.path}")
-        assert hashlib.sha256(data).hexdigest() == f.sha256
+        assert checksum.of_bytes(data, manifest.checksum) == f.digest
     assert len(manifest.files) == 40 == r.stats.files
 
 
@@ -163,7 +163,7 @@ def test_a_large_file_retries_a_failed_part_alone_and_aborts_when_parts_run_out(
     fs = s3fs_for(moto_endpoint)
     got = fs.cat_file(f"{bucket}/parts/p1/data/big.bin")
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(content).hexdigest()
-    assert r.manifest.files[0].sha256 == hashlib.sha256(content).hexdigest()
+    assert r.manifest.files[0].digest == checksum.of_bytes(content, r.manifest.checksum)
 
     # Part 3 always fails: the export fails naming the file, the multipart upload is aborted
     # (no parts left stored and billed), nothing is committed, the file stays on the node.
@@ -249,7 +249,7 @@ import sys, json
 sys.modules["s3fs"] = None  # as if raysync[s3] was not installed
 from pathlib import Path
 import fsspec
-from raysync import isolated_export
+from raysync import checksum, isolated_export
 from raysync.errors import MissingDependencyError
 try:
     isolated_export("s3://bucket/x")

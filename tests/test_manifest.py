@@ -84,9 +84,10 @@ def test_manifest_round_trips_and_verifies_and_detects_tampering(tmp_path: Path)
         copy_and_hash(e, out)
     m = Manifest(files=entries, run={"status": "succeeded"}, trees=["export", "data"])
     doc = json.loads(m.to_bytes())
-    assert doc["format"] == "raysync.manifest" and doc["version"] == 1
+    assert doc["format"] == "raysync.manifest" and doc["version"] == 2
+    assert doc["checksum"] == "xxh3-128"
     assert doc["totals"] == {"files": 2, "bytes": 13}
-    assert doc["files"][0]["sha256"] == hash_file(ws / "export" / "a" / "one.txt")
+    assert doc["files"][0]["digest"] == hash_file(ws / "export" / "a" / "one.txt")
     back = Manifest.from_bytes(m.to_bytes())
     verify_files(back, dest, uri="x")
     assert os.stat(dest / "data" / "two.bin").st_mode & 0o777 == 0o600

@@ -91,7 +91,7 @@ def test_materialize_detects_a_payload_that_does_not_match_its_manifest(
 ) -> None:
     r = ray.get(_writer(None).remote("tamper", 64))
     r.manifest.files[0] = FileEntry(
-        r.manifest.files[0].path, r.manifest.files[0].size, 0o644, sha256="0" * 64
+        r.manifest.files[0].path, r.manifest.files[0].size, 0o644, digest="0" * 32
     )
     with pytest.raises(IntegrityError, match=r.manifest.files[0].path):
         r.materialize(tmp_path / "dest")

@@ -16,7 +16,6 @@ Commit protocol (docs/backends.md):
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import random
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import raysync
+from raysync import checksum
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
 from raysync.copy import CHUNK, changed_error, read_and_hash
 from raysync.errors import (
@@ -351,7 +351,16 @@ class BlobBackend:
             ) as parts,
         ):
             futures = {
-                pool.submit(self._upload_one, fs, f"{run}/{e.path}", e, opts, budget, parts): e
+                pool.submit(
+                    self._upload_one,
+                    fs,
+                    f"{run}/{e.path}",
+                    e,
+                    opts,
+                    budget,
+                    parts,
+                    request.checksum,
+                ): e
                 for e in request.files
             }
             for fut in as_completed(futures):
@@ -383,18 +392,19 @@ class BlobBackend:
         opts: Options,
         budget: ByteBudget,
         parts: ThreadPoolExecutor,
+        algorithm: str,
     ) -> None:
         if entry.size <= opts.upload_part_size:
             held = budget.acquire(entry.size)
             try:
                 buf = bytearray(entry.size)
-                read_and_hash(entry, memoryview(buf))
+                read_and_hash(entry, memoryview(buf), algorithm)
                 with_retries(f"uploading {entry.path}", lambda: fs.pipe_file(dest, buf), opts)
             finally:
                 budget.release(held)
             return
         if callable(getattr(fs, "call_s3", None)):
-            cls._upload_parts_s3(fs, dest, entry, opts, budget, parts)
+            cls._upload_parts_s3(fs, dest, entry, opts, budget, parts, algorithm)
             return
         # Other stores: streamed through fs.open in parts, hashed from the bytes sent; a retry
         # starts the file over.
@@ -403,7 +413,7 @@ class BlobBackend:
 
             def stream() -> None:
                 assert entry.source is not None
-                h = hashlib.sha256()
+                h = checksum.new(algorithm)
                 seen = 0
                 with (
                     open(entry.source, "rb") as src,
@@ -415,7 +425,7 @@ class BlobBackend:
                         seen += len(chunk)
                 if seen != entry.size:
                     raise changed_error(entry, seen)
-                entry.sha256 = h.hexdigest()
+                entry.digest = h.hexdigest()
 
             with_retries(f"uploading {entry.path}", stream, opts)
         finally:
@@ -429,6 +439,7 @@ class BlobBackend:
         opts: Options,
         budget: ByteBudget,
         parts: ThreadPoolExecutor,
+        algorithm: str,
     ) -> None:
         """S3 multipart upload with several parts in flight (as boto3's transfer manager
         does), read once: each part is hashed as it is read, then sent from the part pool.
@@ -472,7 +483,7 @@ class BlobBackend:
 
         pending = []
         try:
-            h = hashlib.sha256()
+            h = checksum.new(algorithm)
             seen = 0
             with open(entry.source, "rb") as src:
                 number = 0
@@ -502,7 +513,7 @@ class BlobBackend:
                 opts,
             )
             fs.invalidate_cache(dest)
-            entry.sha256 = h.hexdigest()
+            entry.digest = h.hexdigest()
         except BaseException:
             for f in pending:
                 f.cancel()
@@ -619,7 +630,14 @@ class BlobBackend:
             with fs.open(f"{run}/{entry.path}", "rb", block_size=opts.upload_part_size) as f:
                 yield from iter(lambda: f.read(CHUNK), b"")
 
-        place_files(dest, committed.files, read, uri=shown, overwrite=overwrite)
+        place_files(
+            dest,
+            committed.files,
+            read,
+            uri=shown,
+            overwrite=overwrite,
+            checksum=committed.checksum,
+        )
 
 
 class _BlobReader(RunReader):

@@ -3,7 +3,7 @@
 ``host://artifacts/runs/{run_id}`` (relative to the driver's cwd) or ``host:///abs/path/{run_id}``
 (absolute on the driver's machine). The worker streams its trees through the Ray object store
 to a *sink* actor pinned to the driver's node (node-affinity scheduling, hard), which writes
-them into a staging directory next to the run, checks every file's size and sha256 against
+them into a staging directory next to the run, checks every file's size and digest against
 the worker's manifest, writes the manifest and renames the staging directory into place.
 
 Memory: the worker keeps at most ``window`` chunks of ``chunk_size`` bytes in flight; the sink
@@ -16,7 +16,6 @@ memory is bounded by ``sink_slots * chunk_size`` (32 MiB by default), and a send
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import resource
 import shutil
@@ -31,6 +30,7 @@ from typing import Any
 import ray
 
 import raysync
+from raysync import checksum
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
 from raysync.copy import changed_error
 from raysync.errors import (
@@ -217,19 +217,19 @@ def _write_items(staging: Path, items: list[tuple[str, int, int]], data: bytes) 
 
 
 def _check_staged(staging: Path, manifest: Manifest, dest: Path) -> None:
-    """Every file arrived whole: size and sha256 against the worker's manifest; modes set."""
+    """Every file arrived whole: size and digest against the worker's manifest; modes set."""
     bad = []
     for f in manifest.files:
         p = safe_join(staging, f.path)
         if not p.exists() and f.size == 0:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.touch()
-        h = hashlib.sha256()
+        h = checksum.new(manifest.checksum)
         try:
             with open(p, "rb") as fh:
                 for chunk in iter(lambda: fh.read(MIB), b""):
                     h.update(chunk)
-            if p.stat().st_size != f.size or h.hexdigest() != f.sha256:
+            if p.stat().st_size != f.size or h.hexdigest() != f.digest:
                 bad.append(f.path)
             os.chmod(p, f.mode)
         except FileNotFoundError:
@@ -239,7 +239,7 @@ def _check_staged(staging: Path, manifest: Manifest, dest: Path) -> None:
 
 
 def chunks(
-    files: list[FileEntry], chunk_size: int
+    files: list[FileEntry], chunk_size: int, algorithm: str = checksum.DEFAULT
 ) -> Iterator[tuple[list[tuple[str, int, int]], bytes]]:
     """Pack files into messages of at most ``chunk_size`` bytes, hashing them as they are read.
 
@@ -249,7 +249,7 @@ def chunks(
     buf = bytearray()
     for entry in files:
         assert entry.source is not None
-        h = hashlib.sha256()
+        h = checksum.new(algorithm)
         seen = 0
         with open(entry.source, "rb") as f:
             while True:
@@ -268,7 +268,7 @@ def chunks(
                     break
         if seen != entry.size:
             raise changed_error(entry, seen)
-        entry.sha256 = h.hexdigest()
+        entry.digest = h.hexdigest()
     if items:
         yield items, bytes(buf)
 
@@ -363,7 +363,7 @@ class HostSyncBackend:
         try:
             sid = ray.get(sink.open.remote(str(dest), request.task_id, request.conflict))
             in_flight: deque[Any] = deque()
-            for items, data in chunks(request.files, opts.chunk_size):
+            for items, data in chunks(request.files, opts.chunk_size, request.manifest.checksum):
                 in_flight.append(sink.write.remote(sid, items, [ray.put(data)]))
                 del data
                 if len(in_flight) >= opts.window:

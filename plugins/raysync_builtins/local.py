@@ -14,12 +14,11 @@ import secrets
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import raysync
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
-from raysync.copy import CHUNK, copy_and_hash
+from raysync.copy import copy_files
 from raysync.errors import (
     ConfigError,
     DestinationError,
@@ -32,8 +31,6 @@ from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
 from raysync.result import ExportResult, place_files, read_path_chunks
 from raysync.target import Target, split_scheme
 
-#: Threads copying one run's files (reads, hashes and writes release the GIL).
-COPY_THREADS = min(8, os.cpu_count() or 2)
 TOKEN_NAME = ".raysync-visible"  # noqa: S105 - a file name, not a secret
 
 
@@ -228,6 +225,7 @@ def materialize_dir(
         lambda f: read_path_chunks(safe_join(src, f.path)),
         uri=result.uri,
         overwrite=overwrite,
+        checksum=committed.checksum,
     )
 
 
@@ -274,16 +272,7 @@ class LocalCopyBackend:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     made.add(out.parent)
                 jobs.append((entry, out))
-            # Large files are copied (and hashed) by a few threads — reading, hashing and
-            # writing release the GIL, so they use every core — while this thread copies the
-            # small ones, for which a thread hand-off would cost more than the copy.
-            with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="raysync-copy") as pool:
-                large = [pool.submit(copy_and_hash, f, o) for f, o in jobs if f.size >= CHUNK]
-                for f, o in jobs:
-                    if f.size < CHUNK:
-                        copy_and_hash(f, o)
-                for done in large:
-                    done.result()
+            copy_files(jobs, request.checksum, dest_fs=staging)
             # The manifest is written last: a directory holding one is a complete run.
             (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
             commit_dir(staging, dest, replace=replace, uri=uri)

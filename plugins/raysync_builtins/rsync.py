@@ -40,7 +40,7 @@ from urllib.parse import unquote, urlsplit
 
 import raysync
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
-from raysync.copy import CHUNK, changed_error
+from raysync.copy import changed_error, hash_entry
 from raysync.errors import (
     ConfigError,
     DestinationError,
@@ -360,19 +360,10 @@ def source_dir(files: list[FileEntry], near: Path) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def hash_entries(files: list[FileEntry]) -> None:
-    """Set every entry's sha256 (read once, in parallel with rsync reading the same pages)."""
+def hash_entries(files: list[FileEntry], algorithm: str) -> None:
+    """Set every entry's digest (read once, in parallel with rsync reading the same pages)."""
     for entry in files:
-        assert entry.source is not None
-        h = hashlib.sha256()
-        seen = 0
-        with open(entry.source, "rb") as f:
-            for chunk in iter(lambda: f.read(CHUNK), b""):
-                h.update(chunk)
-                seen += len(chunk)
-        if seen != entry.size:
-            raise changed_error(entry, seen)
-        entry.sha256 = h.hexdigest()
+        hash_entry(entry, algorithm)
 
 
 @dataclass
@@ -546,7 +537,7 @@ class RsyncBackend:
 
         def hash_all() -> None:
             try:
-                hash_entries(request.files)
+                hash_entries(request.files, request.manifest.checksum)
             except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
                 errors.append(e)
 

@@ -85,7 +85,7 @@ class ReturnByValueBackend:
         index: dict[str, tuple[int, int]] = {}
         off = 0
         for entry in request.files:
-            read_and_hash(entry, view[off : off + entry.size])
+            read_and_hash(entry, view[off : off + entry.size], request.checksum)
             index[entry.path] = (off, entry.size)
             off += entry.size
         request.manifest.to_bytes()  # checks every file was hashed
@@ -102,7 +102,14 @@ class ReturnByValueBackend:
         def read(entry: Any) -> Iterator[memoryview]:
             yield payload.view(entry.path)
 
-        place_files(dest, result.manifest.files, read, uri=result.uri, overwrite=overwrite)
+        place_files(
+            dest,
+            result.manifest.files,
+            read,
+            uri=result.uri,
+            overwrite=overwrite,
+            checksum=result.manifest.checksum,
+        )
 
 
 @raysync.hookimpl

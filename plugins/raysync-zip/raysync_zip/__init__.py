@@ -7,7 +7,6 @@ through it.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import raysync
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest
+from raysync.checksum import Hasher
 from raysync.copy import CHUNK, changed_error
 from raysync.errors import (
     ConfigError,
@@ -124,7 +124,7 @@ class ZipBackend:
         with tempfile.TemporaryFile(dir=Path(request.workspace).parent) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=compression) as zf:
                 for entry in request.files:
-                    self._add(zf, entry)
+                    self._add(zf, entry, request.new_hash())
                 # The manifest is the last member: an archive without one is not a run.
                 zf.writestr(MANIFEST_NAME, request.manifest.to_bytes())
             tmp.seek(0)
@@ -134,12 +134,11 @@ class ZipBackend:
         return ExportOutcome(uri=uri, payload=Location(uri, dict(request.target.options)))
 
     @staticmethod
-    def _add(zf: zipfile.ZipFile, entry: FileEntry) -> None:
+    def _add(zf: zipfile.ZipFile, entry: FileEntry, h: Hasher) -> None:
         assert entry.source is not None
         info = zipfile.ZipInfo(check_relpath(entry.path), time.localtime()[:6])
         info.compress_type = zf.compression
         info.external_attr = (entry.mode & 0o7777) << 16
-        h = hashlib.sha256()
         seen = 0
         with open(entry.source, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
             for chunk in iter(lambda: src.read(CHUNK), b""):
@@ -148,7 +147,7 @@ class ZipBackend:
                 seen += len(chunk)
         if seen != entry.size:
             raise changed_error(entry, seen)
-        entry.sha256 = h.hexdigest()
+        entry.digest = h.hexdigest()
 
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
         loc = result.payload
@@ -170,7 +169,14 @@ class ZipBackend:
                 with zf.open(entry.path) as member:
                     yield from iter(lambda: member.read(CHUNK), b"")
 
-            place_files(dest, committed.files, read, uri=shown, overwrite=overwrite)
+            place_files(
+                dest,
+                committed.files,
+                read,
+                uri=shown,
+                overwrite=overwrite,
+                checksum=committed.checksum,
+            )
 
 
 @raysync.hookimpl
