@@ -30,6 +30,9 @@ class Capabilities:
     read_back: bool = False
     #: :meth:`ExportBackend.prepare` must run on the driver before workers export.
     needs_driver: bool = False
+    #: A call can commit its run more than once (``sync_every`` checkpoints), each export
+    #: replacing the last; backends that return the files by value cannot.
+    checkpoints: bool = True
 
     def names(self) -> list[str]:
         return [k for k, v in self.__dict__.items() if v]
@@ -79,8 +82,10 @@ class RunInfo:
     """One run found under a prefix (``raysync ls``).
 
     ``status``: ``committed`` (a manifest of a call that succeeded), ``failed`` (a manifest of
-    a call that raised, exported with ``export_on_failure``), or ``incomplete`` (data or a
-    staging area without a manifest: an export that is running or died).
+    a call that raised, exported with ``export_on_failure``), ``checkpoint`` (a ``sync_every``
+    checkpoint of a call still running, or one that died before its final export), or
+    ``incomplete`` (data or a staging area without a manifest: an export that is running or
+    died).
     """
 
     uri: str
@@ -94,7 +99,7 @@ class RunInfo:
     def from_manifest(cls, uri: str, manifest: Manifest) -> RunInfo:
         return cls(
             uri=uri,
-            status="failed" if manifest.status == "failed" else "committed",
+            status={"failed": "failed", "running": "checkpoint"}.get(manifest.status, "committed"),
             files=len(manifest.files),
             bytes=manifest.total_bytes,
             ended_at=manifest.run.get("ended_at"),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from raysync import checksum
 from raysync.errors import TreeError
-from raysync.manifest import FileEntry
+from raysync.manifest import FileEntry, Manifest
 
 CHUNK = 1 << 20
 #: Files from this size on are streamed in chunks by the thread pool; smaller ones are read
@@ -220,3 +220,35 @@ def read_and_hash(entry: FileEntry, into: memoryview, algorithm: str = checksum.
 def hash_file(path: Path, algorithm: str = checksum.DEFAULT) -> str:
     """Hex digest of a file, streamed."""
     return checksum.of_file(path, algorithm)
+
+
+def plan_reuse(
+    entries: Sequence[FileEntry],
+    previous: Manifest | None,
+    algorithm: str,
+    *,
+    threads: int | None = None,
+) -> set[str]:
+    """Incremental export: the paths whose bytes ``previous`` (the run committed at the
+    destination) already holds — same path, size, mode and digest, same algorithm.
+
+    Entries whose digest is not known yet (no earlier export of this call hashed them) and
+    that have a same-size counterpart are hashed here, in parallel: one read at hashing speed
+    instead of a copy. Their ``digest`` is set, so a reused entry needs no further work.
+    """
+    if previous is None or previous.checksum != algorithm:
+        return set()
+    old = {f.path: f for f in previous.files if f.pack is None}
+
+    def same_shape(e: FileEntry) -> bool:
+        o = old.get(e.path)
+        return o is not None and o.size == e.size and o.mode == e.mode
+
+    candidates = [e for e in entries if same_shape(e)]
+    unknown = [e for e in candidates if e.digest is None]
+    if len(unknown) > 1:
+        with ThreadPoolExecutor(threads or copy_threads(), thread_name_prefix="raysync-hash") as p:
+            list(p.map(lambda e: hash_entry(e, algorithm), unknown))
+    elif unknown:
+        hash_entry(unknown[0], algorithm)
+    return {e.path for e in candidates if e.digest == old[e.path].digest}

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import hashlib
 import inspect
+import logging
 import os
 import socket
 import threading
@@ -25,21 +26,23 @@ import ray
 
 from raysync import checksum as checksum_mod
 from raysync import driver, workspace
-from raysync.backend import CONFLICT_POLICIES, Conflict, ExportRequest
+from raysync.backend import CONFLICT_POLICIES, Conflict, ExportOutcome, ExportRequest
 from raysync.errors import (
     ConfigError,
     DestinationNotVisibleError,
     ExportError,
     RaySyncError,
+    RunExistsError,
     TemplateError,
 )
 from raysync.hookspecs import ExportBackend
-from raysync.manifest import Manifest, scan, tree_names
+from raysync.manifest import FileEntry, Manifest, scan, tree_names
 from raysync.registry import get_registry
 from raysync.result import ExportResult, ExportStats
 from raysync.target import BUILTIN_FIELDS, Target, redact, render, template_fields
 
 F = TypeVar("F")
+log = logging.getLogger("raysync")
 
 #: chdir-mode calls in one process take turns: cwd and environment are process-wide.
 _CHDIR_LOCK = threading.RLock()
@@ -57,6 +60,7 @@ class _Config:
     chdir: bool
     keep_workspace: bool
     checksum: str = checksum_mod.DEFAULT
+    sync_every: float | None = None
     key: str = ""
     function: str = ""
     fields: tuple[str, ...] = field(default_factory=tuple)
@@ -74,6 +78,7 @@ def isolated_export(
     chdir: bool = True,
     keep_workspace: bool = False,
     checksum: str = checksum_mod.DEFAULT,
+    sync_every: float | None = None,
 ) -> Callable[[F], F]:
     """Run every call of a Ray task or actor method in a private workspace, then export it.
 
@@ -97,6 +102,10 @@ def isolated_export(
     :param checksum: the manifest's per-file checksum: ``"xxh3-128"`` (default; fast, catches
         corruption, not tamper-evident), ``"blake3"`` or ``"sha256"`` (tamper-evident, slower).
         See docs/manifest.md.
+    :param sync_every: seconds between checkpoints while the call runs: the trees are
+        exported (incrementally: only changed files are sent) and committed with status
+        ``running``, so a crash loses at most one interval of work. The final export replaces
+        the last checkpoint. ``None`` (default): export once, when the call ends.
 
     Works on plain functions and methods (put ``@ray.remote`` above it), and on top of an
     existing ``ray.remote`` function or actor class. Every decorated call returns an
@@ -113,6 +122,7 @@ def isolated_export(
         chdir,
         keep_workspace,
         checksum,
+        sync_every,
     )
 
     def decorate(obj: F) -> F:
@@ -132,6 +142,7 @@ def _make_config(
     chdir: bool,
     keep_workspace: bool,
     checksum: str = checksum_mod.DEFAULT,
+    sync_every: float | None = None,
 ) -> _Config:
     if output_uri is not None and (not isinstance(output_uri, str) or not output_uri.strip()):
         raise ConfigError(
@@ -171,6 +182,20 @@ def _make_config(
         be = backend
     else:
         raise ConfigError(f"backend={backend!r} is neither a backend name nor a backend object")
+    if sync_every is not None:
+        if isinstance(sync_every, bool) or not isinstance(sync_every, (int, float)):
+            raise ConfigError(f"sync_every must be a number of seconds, not {sync_every!r}")
+        if not sync_every > 0:
+            raise ConfigError(
+                f"sync_every={sync_every!r} must be a positive number of seconds",
+                hint="e.g. sync_every=300 for a checkpoint every five minutes, or None",
+            )
+        if not be.capabilities.checkpoints:
+            raise ConfigError(
+                f"sync_every needs a destination, but the {be.name!r} backend returns the "
+                "files by value when the call ends",
+                hint="give an output_uri (a path, s3://...) or drop sync_every",
+            )
     target = Target.parse(output_uri or "", storage_options)
     template_fields(target.uri)  # malformed templates fail here
     be.check(target)
@@ -184,6 +209,7 @@ def _make_config(
         chdir=chdir,
         keep_workspace=keep_workspace,
         checksum=checksum_mod.check(checksum),
+        sync_every=float(sync_every) if sync_every is not None else None,
     )
 
 
@@ -276,6 +302,11 @@ class _Call:
     prepared: Mapping[str, str]
     ws: workspace.Workspace | None = None
     started: float = 0.0
+    #: path -> (fingerprint, digest) of files an earlier export of this call hashed.
+    known: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    #: Checkpoints and the final export take turns.
+    export_lock: threading.Lock = field(default_factory=threading.Lock)
+    checkpoints: int = 0
 
 
 def _now() -> str:
@@ -351,6 +382,103 @@ def _start(call: _Call) -> None:
     call.run["started_at"] = _now()
 
 
+#: A file changed less than this long before an export began could change again within the
+#: file system's timestamp granularity without changing its fingerprint: it is hashed again
+#: next time rather than trusted (git's "racy" rule).
+_RACY_NS = 50_000_000
+
+
+def _export(call: _Call, run: dict[str, Any]) -> tuple[list[FileEntry], Manifest, ExportOutcome]:
+    """Scan the trees and export them once. Digests an earlier export of this call computed
+    are reused for files whose fingerprint has not changed, so the backend's incremental
+    export can skip them without reading them."""
+    assert call.ws is not None
+    began_ns = time.time_ns()
+    files = scan(call.ws.root, call.cfg.trees)
+    for f in files:
+        seen = call.known.get(f.path)
+        if seen is not None and seen[0] == f.fingerprint:
+            f.digest = seen[1]
+    manifest = Manifest(
+        files=files, run=run, trees=list(call.cfg.trees), checksum=call.cfg.checksum
+    )
+    outcome = call.cfg.backend.export(
+        ExportRequest(
+            target=call.target,
+            files=files,
+            manifest=manifest,
+            workspace=call.ws.root,
+            conflict=call.cfg.conflict,
+            task_id=call.task_id,
+            prepared=call.prepared,
+        )
+    )
+    call.known = {
+        f.path: (f.fingerprint, f.digest)
+        for f in files
+        if f.fingerprint is not None
+        and f.digest is not None
+        and f.fingerprint[2] < began_ns - _RACY_NS
+    }
+    return files, manifest, outcome
+
+
+class _Syncer:
+    """``sync_every``: commits the call's trees as a checkpoint every interval while the
+    call runs. A checkpoint that fails (a file changed while it was copied, the store was
+    unreachable) is logged and tried again at the next interval; one that can never succeed
+    (the run belongs to another call) stops the checkpoints, and the final export reports
+    the error."""
+
+    def __init__(self, call: _Call, every: float) -> None:
+        self.call = call
+        self.every = every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="raysync-sync", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        call = self.call
+        while not self.stop.wait(self.every):
+            with call.export_lock:
+                if self.stop.is_set():
+                    return
+                n = call.checkpoints + 1
+                run = {
+                    **call.run,
+                    "status": "running",
+                    "checkpoint": n,
+                    "synced_at": _now(),
+                    "ended_at": None,
+                    "error": None,
+                }
+                try:
+                    _export(call, run)
+                except (RunExistsError, DestinationNotVisibleError, ConfigError) as e:
+                    log.error("raysync: checkpoints of %s stopped: %s", redact(call.target.uri), e)
+                    return
+                except Exception as e:  # noqa: BLE001 - a checkpoint must not fail the call
+                    log.warning(
+                        "raysync: checkpoint %d of %s failed, trying again in %g s: %s",
+                        n,
+                        redact(call.target.uri),
+                        self.every,
+                        e,
+                    )
+                    continue
+                call.checkpoints = n
+
+    def close(self) -> None:
+        """Stop, waiting for a checkpoint in progress (the final export follows it)."""
+        self.stop.set()
+        self.thread.join()
+
+
+def _syncer(call: _Call) -> _Syncer | None:
+    every = call.cfg.sync_every
+    return _Syncer(call, every) if every is not None else None
+
+
 def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResult:
     """Scan and export; the workspace is removed only after a successful commit."""
     assert call.ws is not None
@@ -363,23 +491,12 @@ def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResul
         else None
     )
     be = call.cfg.backend
+    if call.checkpoints:
+        call.run["checkpoints"] = call.checkpoints
     t0 = time.perf_counter()
     try:
-        files = scan(call.ws.root, call.cfg.trees)
-        manifest = Manifest(
-            files=files, run=call.run, trees=list(call.cfg.trees), checksum=call.cfg.checksum
-        )
-        outcome = be.export(
-            ExportRequest(
-                target=call.target,
-                files=files,
-                manifest=manifest,
-                workspace=call.ws.root,
-                conflict=call.cfg.conflict,
-                task_id=call.task_id,
-                prepared=call.prepared,
-            )
-        )
+        with call.export_lock:
+            files, manifest, outcome = _export(call, call.run)
     except RaySyncError as e:
         raise e.kept_in(str(call.ws.root)) from None
     except Exception as e:
@@ -395,7 +512,7 @@ def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResul
         bytes=manifest.total_bytes,
         seconds=seconds,
         run_seconds=run_seconds,
-        extra=outcome.extra_stats,
+        extra={**outcome.extra_stats, "checkpoints": call.checkpoints},
     )
     if not call.cfg.keep_workspace:
         workspace.remove(call.ws)
@@ -445,12 +562,16 @@ def _run_sync(
         _start(call)
         assert call.ws is not None
         with workspace.activated(call.ws, cfg.env, chdir=cfg.chdir):
+            syncer = _syncer(call)
             try:
                 value = fn(*args, **kwargs)
             except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
                 error: BaseException | None = e
             else:
                 error = None
+            finally:
+                if syncer is not None:
+                    syncer.close()
     finally:
         if lock is not None:
             lock.release()
@@ -474,23 +595,30 @@ async def _run_async(
     call = _begin(cfg, fn, args, kwargs)
     error: BaseException | None = None
     value: Any = None
-    if cfg.chdir:
-        async with _async_lock():
+    syncer: _Syncer | None = None
+    try:
+        if cfg.chdir:
+            async with _async_lock():
+                _start(call)
+                assert call.ws is not None
+                with workspace.activated(call.ws, cfg.env, chdir=True):
+                    syncer = _syncer(call)
+                    try:
+                        value = await fn(*args, **kwargs)
+                    except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
+                        error = e
+        else:
             _start(call)
             assert call.ws is not None
-            with workspace.activated(call.ws, cfg.env, chdir=True):
+            with workspace.activated(call.ws, cfg.env, chdir=False):
+                syncer = _syncer(call)
                 try:
                     value = await fn(*args, **kwargs)
                 except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
                     error = e
-    else:
-        _start(call)
-        assert call.ws is not None
-        with workspace.activated(call.ws, cfg.env, chdir=False):
-            try:
-                value = await fn(*args, **kwargs)
-            except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
-                error = e
+    finally:
+        if syncer is not None:
+            await asyncio.to_thread(syncer.close)
     if error is not None:
         await asyncio.to_thread(_on_error, call, error)
         raise error

@@ -37,6 +37,9 @@ class FileEntry:
     digest: str | None = None
     source: Path | None = field(default=None, repr=False, compare=False)
     pack: dict[str, Any] | None = field(default=None, compare=False)
+    #: (size, mtime_ns, ctime_ns, inode, device) of ``source`` when scanned (not serialised):
+    #: an unchanged fingerprint lets a later export of the same call skip re-hashing it.
+    fingerprint: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -228,7 +231,13 @@ def scan(workspace: Path, trees: Sequence[str]) -> list[FileEntry]:
         for path, st in _walk(root, workspace):
             rel = path.relative_to(workspace).as_posix()
             entries.append(
-                FileEntry(path=rel, size=st.st_size, mode=stat.S_IMODE(st.st_mode), source=path)
+                FileEntry(
+                    path=rel,
+                    size=st.st_size,
+                    mode=stat.S_IMODE(st.st_mode),
+                    source=path,
+                    fingerprint=(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev),
+                )
             )
     return entries
 

@@ -30,7 +30,7 @@ from typing import Any
 import raysync
 from raysync import checksum
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
-from raysync.copy import CHUNK, changed_error, read_and_hash
+from raysync.copy import CHUNK, changed_error, plan_reuse, read_and_hash
 from raysync.errors import (
     ConfigError,
     ExportError,
@@ -258,10 +258,14 @@ class BlobBackend:
         fs, run, opts = self._open(uri, request.target.options)
         shown = redact(uri)
         conditional = request.target.scheme in CONDITIONAL
-        replace = self._claim(fs, run, request, opts, conditional=conditional, shown=shown)
+        replace, existing = self._claim(
+            fs, run, request, opts, conditional=conditional, shown=shown
+        )
         manifest_path = f"{run}/{MANIFEST_NAME}"
         try:
-            self._upload_all(fs, run, request, opts, shown)
+            # Incremental: objects the run being replaced already holds are not sent again.
+            reuse = plan_reuse(request.files, existing if replace else None, request.checksum)
+            self._upload_all(fs, run, request, opts, shown, skip=reuse)
             data = request.manifest.to_bytes()
             with_retries(
                 "writing the manifest",
@@ -282,7 +286,12 @@ class BlobBackend:
             self._release(fs, run, opts, remove_data=not replace)
             raise
         self._clean(fs, run, request.manifest, opts)
-        return ExportOutcome(uri=uri, payload=Location(uri, dict(request.target.options)))
+        reused = [e for e in request.files if e.path in reuse]
+        return ExportOutcome(
+            uri=uri,
+            payload=Location(uri, dict(request.target.options)),
+            extra_stats={"reused_files": len(reused), "reused_bytes": sum(e.size for e in reused)},
+        )
 
     def _claim(
         self,
@@ -293,8 +302,9 @@ class BlobBackend:
         *,
         conditional: bool,
         shown: str,
-    ) -> bool:
-        """Check the conflict policy and take the run's lock; True when replacing a run."""
+    ) -> tuple[bool, Manifest | None]:
+        """Check the conflict policy and take the run's lock; (replacing a run?, its
+        committed manifest)."""
         existing = self._read_manifest(fs, run, shown, opts)
         replace = False
         if existing is not None:
@@ -324,10 +334,17 @@ class BlobBackend:
                     f"died, delete {LOCK_NAME} under the run or use conflict='overwrite'",
                 ) from None
             fs.pipe_file(lock_path, lock)  # an earlier attempt of this task died: take over
-        return replace
+        return replace, existing
 
     def _upload_all(
-        self, fs: Any, run: str, request: ExportRequest, opts: Options, shown: str
+        self,
+        fs: Any,
+        run: str,
+        request: ExportRequest,
+        opts: Options,
+        shown: str,
+        *,
+        skip: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         for e in request.files:
             check_relpath(e.path)  # never a key outside the run (zip-slip)
@@ -362,6 +379,7 @@ class BlobBackend:
                     request.checksum,
                 ): e
                 for e in request.files
+                if e.path not in skip
             }
             for fut in as_completed(futures):
                 exc = fut.exception()

@@ -12,13 +12,14 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import raysync
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
-from raysync.copy import copy_files
+from raysync.copy import copy_files, plan_reuse
 from raysync.errors import (
     ConfigError,
     DestinationError,
@@ -179,6 +180,20 @@ def commit_dir(staging: Path, dest: Path, *, replace: bool, uri: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def link_committed(committed: Path, entry: FileEntry, out: Path) -> bool:
+    """Hard-link a file of the run being replaced into the staging directory (incremental
+    export); False when that is not possible (not a plain file of the right size, or a file
+    system without hard links), and the file is copied instead."""
+    try:
+        st = committed.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+            return False
+        os.link(committed, out)
+    except OSError:
+        return False
+    return True
+
+
 def destination_error(e: OSError, where: Path, request: ExportRequest, uri: str) -> Exception:
     """A clear error for a destination that is full, read-only or not writable; other OS
     errors are returned unchanged."""
@@ -257,6 +272,9 @@ class LocalCopyBackend:
         uri = f"file://{dest}"
         check_visible(request.prepared, dest, uri)
         replace = check_conflict(dest, task_id=request.task_id, conflict=request.conflict, uri=uri)
+        # Incremental: files the run being replaced already holds are linked, not copied.
+        previous = read_committed(dest, uri=uri) if replace else None
+        reuse = plan_reuse(request.files, previous, request.checksum)
         staging = dest.parent / f".{dest.name}.raysync-staging-{uuid.uuid4().hex[:12]}"
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -266,11 +284,16 @@ class LocalCopyBackend:
         try:
             made: set[Path] = {staging}
             jobs = []
+            reused = [0, 0]
             for entry in request.files:
                 out = safe_join(staging, entry.path)
                 if out.parent not in made:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     made.add(out.parent)
+                if entry.path in reuse and link_committed(safe_join(dest, entry.path), entry, out):
+                    reused[0] += 1
+                    reused[1] += entry.size
+                    continue
                 jobs.append((entry, out))
             copy_files(jobs, request.checksum, dest_fs=staging)
             # The manifest is written last: a directory holding one is a complete run.
@@ -282,7 +305,9 @@ class LocalCopyBackend:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return ExportOutcome(uri=uri)
+        return ExportOutcome(
+            uri=uri, extra_stats={"reused_files": reused[0], "reused_bytes": reused[1]}
+        )
 
     def list_runs(self, target: Target) -> list[RunInfo]:
         return list_dir_runs(Path(target.local_path()), lambda p: f"file://{p}")
