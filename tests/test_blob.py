@@ -292,3 +292,67 @@ def test_bad_upload_options_fail_at_decoration() -> None:
     with pytest.raises(ConfigError, match="unknown storage_options"):
         isolated_export("memory://x", storage_options={"upload_threads": 4})
     assert MissingDependencyError  # exported for users catching it
+
+
+def test_packing_mode_sends_small_files_as_a_few_tar_archives_still_readable_one_by_one(
+    ray_wd: Path, bucket: str, fault_proxy: Any, moto_endpoint: str, tmp_path: Path
+) -> None:
+    import io
+    import tarfile
+
+    fault_proxy.reset()
+    opts = s3_options(fault_proxy.url, upload_pack_below=64 * 1024, upload_pack_size=256 * 1024)
+
+    @ray.remote(max_retries=0)
+    @isolated_export(f"s3://{bucket}/packed/{{run_id}}", storage_options=opts)
+    def run(run_id: str) -> None:
+        for i in range(300):
+            d = Path(f"export/p{i % 4}")
+            d.mkdir(exist_ok=True)
+            (d / f"{i}.bin").write_bytes(small_content(i))
+        Path("data/big.bin").write_bytes(big_content(5))  # not packed: its own object
+
+    r = ray.get(run.remote("k1"))
+    puts = [p for m, p, s in fault_proxy.log if m == "PUT" and s < 300]
+    pack_puts = [p for p in puts if "/.raysync-pack-" in p]
+    assert 2 <= len(pack_puts) <= 3  # 300 KiB of files + headers in 256 KiB archives
+    assert not [p for p in puts if "/export/" in p]  # no object per small file
+    fs = s3fs_for(moto_endpoint)
+    run_key = f"{bucket}/packed/k1"
+    manifest = Manifest.from_bytes(fs.cat_file(f"{run_key}/{MANIFEST_NAME}"))
+    packed = [f for f in manifest.files if f.pack is not None]
+    assert len(packed) == 300 and len({f.pack["object"] for f in packed}) == len(pack_puts)
+    # Each archive is a standard tar holding exactly its files.
+    first = packed[0].pack["object"]
+    with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"{run_key}/{first}"))) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}  # type: ignore[union-attr]
+    assert members and all(
+        members[f.path] == small_content(int(Path(f.path).stem))
+        for f in packed
+        if f.pack["object"] == first
+    )
+    # One file by its offset, as the manifest indexes it.
+    f = packed[123]
+    start = f.pack["offset"]
+    got = fs.cat_file(f"{run_key}/{f.pack['object']}", start=start, end=start + f.size)
+    assert got == small_content(int(Path(f.path).stem))
+    # Materialize and the CLI's verify read every file back, checked against its digest.
+    out = files_under(r.materialize(tmp_path / "back"))
+    assert len(out) == 301 and out["export/p3/123.bin"] == small_content(123)
+    assert out["data/big.bin"] == big_content(5)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raysync",
+            "verify",
+            f"s3://{run_key}",
+            "--storage-options",
+            json.dumps(s3_options(moto_endpoint)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr

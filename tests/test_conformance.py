@@ -50,6 +50,22 @@ class TestFsspecS3(BackendConformance):
         )
 
 
+class TestFsspecS3Packed(BackendConformance):
+    """Packing mode: small files go into tar archives (tiny ones here, so a run spans several)."""
+
+    backend_name = "fsspec"
+
+    @pytest.fixture
+    def conformance_target(self, bucket: str, moto_endpoint: str) -> ConformanceTarget:
+        return ConformanceTarget(
+            uri=f"s3://{bucket}/packed/{{run}}",
+            storage_options=s3_options(
+                moto_endpoint, upload_pack_below=1 << 20, upload_pack_size=4096
+            ),
+            bad_option={"upload_no_such_option": 1},
+        )
+
+
 class TestRsyncMount(BackendConformance):
     backend_name = "rsync"
 

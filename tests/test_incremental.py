@@ -125,9 +125,7 @@ def test_s3_re_export_uploads_only_changed_objects(
     fault_proxy.reset()
     r = ray.get(job.remote("r1", "second!"))
     data_puts = [
-        p
-        for m, p, s in fault_proxy.log
-        if m == "PUT" and s < 300 and "/inc/r1/export/" in p
+        p for m, p, s in fault_proxy.log if m == "PUT" and s < 300 and "/inc/r1/export/" in p
     ]
     assert data_puts and all(p.endswith("/export/changed.txt") for p in data_puts)
     assert r.stats.extra["reused_files"] == 30

@@ -19,8 +19,10 @@ import errno
 import json
 import logging
 import random
+import tarfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
@@ -94,8 +96,12 @@ class Options:
 
     upload_concurrency: int = 16
     upload_part_concurrency: int = 10
-    upload_bytes_in_flight: int = 256 * 1024 * 1024
+    upload_bytes_in_flight: int = 128 * 1024 * 1024
     upload_part_size: int = 8 * 1024 * 1024
+    #: Packing mode: files smaller than this many bytes go into tar archives of about
+    #: ``upload_pack_size`` bytes instead of one object each (0: off).
+    upload_pack_below: int = 0
+    upload_pack_size: int = 16 * 1024 * 1024
     upload_retries: int = 6
     upload_retry_base_delay: float = 0.2
     upload_retry_max_delay: float = 10.0
@@ -147,6 +153,77 @@ class ByteBudget:
         with self._cond:
             self._used -= n
             self._cond.notify_all()
+
+
+#: Packs are named ``.raysync-pack-<export id>-<n>.tar`` at the run's root.
+PACK_PREFIX = ".raysync-pack-"
+_TAR_BLOCK = 512
+
+
+def tar_packs(
+    entries: list[FileEntry], opts: Options, budget: ByteBudget, algorithm: str
+) -> Iterator[tuple[str, bytearray, int]]:
+    """Pack ``entries`` into POSIX (pax) tar archives of about ``upload_pack_size`` bytes:
+    yields (object name, archive bytes, budget held). Each file is read and hashed once;
+    ``entry.pack`` records the archive and the offset of the file's bytes in it, so a reader
+    fetches one file with a ranged read, or a whole archive with one GET (and ``tar x``
+    works on it too)."""
+    if not entries:
+        return
+    export_id = uuid.uuid4().hex[:10]
+    number = 0
+    held = budget.acquire(opts.upload_pack_size)
+    buf = bytearray()
+    name = f"{PACK_PREFIX}{export_id}-{number:06d}.tar"
+    for entry in entries:
+        info = tarfile.TarInfo(entry.path)
+        info.size, info.mode, info.mtime = entry.size, entry.mode, int(time.time())
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        data = bytearray(entry.size)
+        read_and_hash(entry, memoryview(data), algorithm)
+        buf += header
+        entry.pack = {"object": name, "offset": len(buf)}
+        buf += data
+        buf += bytes(-len(buf) % _TAR_BLOCK)
+        if len(buf) >= opts.upload_pack_size:
+            buf += bytes(2 * _TAR_BLOCK)  # end of archive
+            yield name, buf, held
+            number += 1
+            held = budget.acquire(opts.upload_pack_size)
+            buf = bytearray()
+            name = f"{PACK_PREFIX}{export_id}-{number:06d}.tar"
+    if buf:
+        buf += bytes(2 * _TAR_BLOCK)
+        yield name, buf, held
+    else:
+        budget.release(held)
+
+
+def read_packed(
+    fs: Any, run: str, entry: FileEntry, cache: dict[str, bytes], opts: Options
+) -> bytes:
+    """A packed file's bytes. Its archive is fetched with one GET and kept (one archive at a
+    time) for the files after it, which the manifest lists in archive order."""
+    assert entry.pack is not None
+    obj, offset = entry.pack.get("object"), entry.pack.get("offset")
+    if (
+        not isinstance(obj, str)
+        or not obj.startswith(PACK_PREFIX)
+        or "/" in obj
+        or not isinstance(offset, int)
+        or offset < 0
+    ):
+        raise IntegrityError(
+            f"the manifest's pack reference of {entry.path!r} is malformed: {entry.pack!r}",
+            uri=run,
+            bad=[entry.path],
+        )
+    key = f"{run}/{check_relpath(obj)}"
+    data = cache.get(key)
+    if data is None:
+        cache.clear()
+        data = cache[key] = with_retries(f"downloading {obj}", lambda: fs.cat_file(key), opts)
+    return data[offset : offset + entry.size]
 
 
 @dataclass
@@ -367,6 +444,8 @@ class BlobBackend:
                 max_workers=opts.upload_part_concurrency, thread_name_prefix="raysync-part"
             ) as parts,
         ):
+            todo = [e for e in request.files if e.path not in skip]
+            packed = [e for e in todo if e.size < opts.upload_pack_below]
             futures = {
                 pool.submit(
                     self._upload_one,
@@ -377,14 +456,24 @@ class BlobBackend:
                     budget,
                     parts,
                     request.checksum,
-                ): e
-                for e in request.files
-                if e.path not in skip
+                ): e.path
+                for e in todo
+                if e.size >= opts.upload_pack_below
             }
+            # Packs are built here (each file read and hashed once) while earlier packs and
+            # the large files upload; the bytes budget holds back a pack when too much is
+            # in flight.
+            try:
+                for name, body, held in tar_packs(packed, opts, budget, request.checksum):
+                    key = f"{run}/{name}"
+                    job = pool.submit(self._upload_pack, fs, key, body, held, budget, opts)
+                    futures[job] = name
+            except BaseException as e:  # noqa: BLE001 - reported with the upload failures
+                failed["(packing small files)"] = e
             for fut in as_completed(futures):
                 exc = fut.exception()
                 if exc is not None:
-                    failed[futures[fut].path] = exc
+                    failed[futures[fut]] = exc
         if failed:
             first = next(iter(failed.values()))
             if len(failed) == 1 and isinstance(first, RaySyncError):
@@ -446,6 +535,16 @@ class BlobBackend:
                 entry.digest = h.hexdigest()
 
             with_retries(f"uploading {entry.path}", stream, opts)
+        finally:
+            budget.release(held)
+
+    @staticmethod
+    def _upload_pack(
+        fs: Any, dest: str, body: bytearray, held: int, budget: ByteBudget, opts: Options
+    ) -> None:
+        try:
+            name = dest.rsplit("/", 1)[-1]
+            with_retries(f"uploading {name}", lambda: fs.pipe_file(dest, bytes(body)), opts)
         finally:
             budget.release(held)
 
@@ -563,6 +662,7 @@ class BlobBackend:
     @staticmethod
     def _clean(fs: Any, run: str, manifest: Manifest, opts: Options) -> None:
         keep = {f"{run}/{f.path}" for f in manifest.files} | {f"{run}/{MANIFEST_NAME}"}
+        keep |= {f"{run}/{f.pack['object']}" for f in manifest.files if f.pack is not None}
         try:
             stale = [p for p in fs.find(run) if p.rstrip("/") not in keep]
             if stale:
@@ -621,7 +721,8 @@ class BlobBackend:
                 "the run at this URI was replaced by another call", uri=shown, bad=[MANIFEST_NAME]
             )
 
-        small = [f for f in committed.files if f.size <= opts.upload_part_size]
+        small = [f for f in committed.files if f.size <= opts.upload_part_size and f.pack is None]
+        packs: dict[str, bytes] = {}
         position = {f.path: i for i, f in enumerate(small)}
         fetched: dict[str, bytes] = {}
 
@@ -640,6 +741,9 @@ class BlobBackend:
             fetched.update({p.removeprefix(run + "/"): data for p, data in got.items()})
 
         def read(entry: FileEntry) -> Iterator[bytes]:
+            if entry.pack is not None:
+                yield read_packed(fs, run, entry, packs, opts)
+                return
             if entry.path in position:
                 if entry.path not in fetched:
                     fetch_batch(position[entry.path])
@@ -662,11 +766,15 @@ class _BlobReader(RunReader):
     def __init__(self, uri: str, fs: Any, run: str, opts: Options) -> None:
         super().__init__(uri)
         self.fs, self.run, self.opts = fs, run, opts
+        self._pack_cache: dict[str, bytes] = {}
 
     def manifest(self) -> Manifest | None:
         return BlobBackend._read_manifest(self.fs, self.run, self.uri, self.opts)
 
     def read(self, entry: FileEntry) -> Iterator[bytes]:
+        if entry.pack is not None:
+            yield read_packed(self.fs, self.run, entry, self._pack_cache, self.opts)
+            return
         with self.fs.open(f"{self.run}/{check_relpath(entry.path)}", "rb") as f:
             yield from iter(lambda: f.read(CHUNK), b"")
 
