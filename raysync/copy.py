@@ -252,3 +252,38 @@ def plan_reuse(
     elif unknown:
         hash_entry(unknown[0], algorithm)
     return {e.path for e in candidates if e.digest == old[e.path].digest}
+
+
+class KnownDigests:
+    """Digests an earlier export of the same call computed, by path and fingerprint (size,
+    mtime, ctime, inode, device): a file whose fingerprint is unchanged is not read again.
+
+    A file changed less than :attr:`RACY_NS` before an export began could change again within
+    the file system's timestamp granularity without changing its fingerprint, so it is not
+    remembered (git's "racy" rule): it is hashed again next time.
+    """
+
+    RACY_NS = 50_000_000
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    def apply(self, files: Sequence[FileEntry]) -> int:
+        """Set the digest of every file whose fingerprint is unchanged; how many."""
+        n = 0
+        for f in files:
+            seen = self._known.get(f.path)
+            if seen is not None and seen[0] == f.fingerprint:
+                f.digest = seen[1]
+                n += 1
+        return n
+
+    def remember(self, files: Sequence[FileEntry], began_ns: int) -> None:
+        """After an export that began at ``began_ns`` (``time.time_ns()``) committed."""
+        self._known = {
+            f.path: (f.fingerprint, f.digest)
+            for f in files
+            if f.fingerprint is not None
+            and f.digest is not None
+            and f.fingerprint[2] < began_ns - self.RACY_NS
+        }

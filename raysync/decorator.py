@@ -27,6 +27,7 @@ import ray
 from raysync import checksum as checksum_mod
 from raysync import driver, workspace
 from raysync.backend import CONFLICT_POLICIES, Conflict, ExportOutcome, ExportRequest
+from raysync.copy import KnownDigests
 from raysync.errors import (
     ConfigError,
     DestinationNotVisibleError,
@@ -302,8 +303,8 @@ class _Call:
     prepared: Mapping[str, str]
     ws: workspace.Workspace | None = None
     started: float = 0.0
-    #: path -> (fingerprint, digest) of files an earlier export of this call hashed.
-    known: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    #: Digests of files an earlier export of this call hashed (checkpoints).
+    known: KnownDigests = field(default_factory=KnownDigests)
     #: Checkpoints and the final export take turns.
     export_lock: threading.Lock = field(default_factory=threading.Lock)
     checkpoints: int = 0
@@ -382,12 +383,6 @@ def _start(call: _Call) -> None:
     call.run["started_at"] = _now()
 
 
-#: A file changed less than this long before an export began could change again within the
-#: file system's timestamp granularity without changing its fingerprint: it is hashed again
-#: next time rather than trusted (git's "racy" rule).
-_RACY_NS = 50_000_000
-
-
 def _export(call: _Call, run: dict[str, Any]) -> tuple[list[FileEntry], Manifest, ExportOutcome]:
     """Scan the trees and export them once. Digests an earlier export of this call computed
     are reused for files whose fingerprint has not changed, so the backend's incremental
@@ -395,10 +390,7 @@ def _export(call: _Call, run: dict[str, Any]) -> tuple[list[FileEntry], Manifest
     assert call.ws is not None
     began_ns = time.time_ns()
     files = scan(call.ws.root, call.cfg.trees)
-    for f in files:
-        seen = call.known.get(f.path)
-        if seen is not None and seen[0] == f.fingerprint:
-            f.digest = seen[1]
+    call.known.apply(files)
     manifest = Manifest(
         files=files, run=run, trees=list(call.cfg.trees), checksum=call.cfg.checksum
     )
@@ -413,13 +405,7 @@ def _export(call: _Call, run: dict[str, Any]) -> tuple[list[FileEntry], Manifest
             prepared=call.prepared,
         )
     )
-    call.known = {
-        f.path: (f.fingerprint, f.digest)
-        for f in files
-        if f.fingerprint is not None
-        and f.digest is not None
-        and f.fingerprint[2] < began_ns - _RACY_NS
-    }
+    call.known.remember(files, began_ns)
     return files, manifest, outcome
 
 

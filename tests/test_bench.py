@@ -10,51 +10,67 @@ from pathlib import Path
 from tests.conftest import stop_ray
 
 
-def test_bench_runs_every_backend_and_shape_and_reports_ratios() -> None:
-    stop_ray()  # the bench starts its own local Ray: one cluster at a time
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raysync.bench",
-            "--files",
-            "30",
-            "--large-size",
-            "6",
-            "--large-files",
-            "1",
-            "--repeat",
-            "1",
-            "--calls",
-            "5",
-            "--value-size",
-            "1",
-            "--json",
-        ],
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "raysync.bench", *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
+
+
+def test_bench_runs_every_backend_and_shape_and_reports_ratios_and_memory() -> None:
+    stop_ray()  # the bench starts its own local Ray: one cluster at a time
+    proc = _bench(
+        "--tree", "small=30x4K",
+        "--tree", "mixed=10x4K+1x6M",
+        "--repeat", "1",
+        "--calls", "5",
+        "--value-size", "1",
+        "--json",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
+    assert report["machine"]["cpus"] >= 1 and report["machine"]["tmp_fs"]
+    assert report["machine"]["versions"]["ray"]
+    assert "[" in proc.stderr and "raysync local 1/1" in proc.stderr  # the progress display
     backends = report["backends"]
-    fsspec, local, rsync = (backends[b]["shapes"] for b in ("fsspec", "local", "rsync"))
-    for shapes in (fsspec, local, rsync):
-        small, large = shapes["small"], shapes["large"]
+    assert set(backends) == {
+        "fsspec", "local", "rsync", "incremental fsspec", "incremental local", "ray"
+    }  # fmt: skip
+    for name in ("fsspec", "local", "rsync"):
+        shapes = backends[name]["shapes"]
+        small, mixed = shapes["small"], shapes["mixed"]
         assert small["files"] == 30 and small["bytes"] == 30 * 4096
-        assert large["files"] == 1 and large["bytes"] == 6 * 1024 * 1024
-        assert small["results"][small["baseline"]]["ratio_to_baseline"] == 1.0
-        for shape in (small, large):
+        assert mixed["files"] == 11 and mixed["bytes"] == 10 * 4096 + 6 * 1024 * 1024
+        for shape in (small, mixed):
+            best = shape["results"][shape["baseline"]]
+            assert best["ratio_to_best_baseline"] == 1.0
+            assert shape["baseline"] in shape["baselines"]
             for row in shape["results"].values():
                 assert row["median_s"] > 0 and row["files_per_s"] > 0 and row["mb_per_s"] > 0
-    assert set(fsspec["small"]["results"]) == {
-        "s3 PUT ceiling (boto3, 16 threads)",
+                assert row["peak_rss_mib"] is not None and row["peak_rss_mib"] >= 0
+                assert set(row["ratios"]) == set(shape["baselines"])
+    fs_small = backends["fsspec"]["shapes"]["small"]["results"]
+    assert set(fs_small) == {
+        "S3 PUT ceiling (boto3 put_object, 16 threads)",
         "s3fs put(recursive=True)",
+        "boto3 transfer manager",
         "raysync fsspec",
+        "raysync fsspec (packing)",
     }
-    assert set(rsync["large"]["results"]) == {"rsync -a", "raysync rsync"}
-    assert set(local["small"]["results"]) == {"cp -a", "shutil.copytree", "raysync local"}
+    assert "S3 PUT ceiling (boto3 put_object, 16 threads)" in fs_small  # small files only
+    local_small = backends["local"]["shapes"]["small"]
+    assert local_small["baselines"] == ["cp -a", "shutil.copytree", "fsspec put(recursive=True)"]
+    assert set(backends["rsync"]["shapes"]["mixed"]["results"]) == {"rsync -a", "raysync rsync"}
+    for name in ("incremental fsspec", "incremental local"):
+        rows = backends[name]["shapes"]["re-export"]["results"]
+        assert list(rows) == [
+            "full export",
+            "re-export unchanged, same call (sync_every)",
+            "re-export unchanged, retried task",
+        ]
     ray_shapes = backends["ray"]["shapes"]
     assert ray_shapes["overhead"]["files"] == 5
     assert ray_shapes["by value"]["bytes"] == 3 * 1024 * 1024  # 3 calls of 1 MiB
@@ -63,9 +79,24 @@ def test_bench_runs_every_backend_and_shape_and_reports_ratios() -> None:
             assert row["median_s"] > 0 and row["files_per_s"] > 0
 
 
-def test_the_benchmark_matrix_script_writes_the_report_and_the_tables(tmp_path: Path) -> None:
+def test_bench_measures_a_target_directory_of_the_users_and_refuses_bad_trees(
+    tmp_path: Path,
+) -> None:
+    proc = _bench("--target", str(tmp_path / "mnt"), "--tree", "t=20x1K", "--repeat", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert set(report["backends"]) == {"local", "incremental local"}
+    assert str(tmp_path / "mnt") in report["backends"]["local"]["target"]
+    assert (tmp_path / "mnt").is_dir()
+    bad = _bench("--tree", "small=lots")
+    assert bad.returncode == 2 and "COUNTxSIZE" in bad.stderr
+
+
+def test_the_benchmark_matrix_script_writes_the_report_the_tables_and_the_chart(
+    tmp_path: Path,
+) -> None:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "matrix.py"
-    bench = ["--backend", "local", "--files", "20", "--large-size", "2", "--large-files", "1"]
+    bench = ["--backend", "local", "--tree", "small=20x4K", "--tree", "big=1x2M"]
     proc = subprocess.run(
         [sys.executable, str(script), "--repeat", "1", "--out", str(tmp_path), "--", *bench],
         capture_output=True,
@@ -77,5 +108,8 @@ def test_the_benchmark_matrix_script_writes_the_report_and_the_tables(tmp_path: 
     (report_file,) = tmp_path.glob("bench-*.json")
     report = json.loads(report_file.read_text())
     assert list(report["backends"]) == ["local"]
-    assert "### local" in proc.stdout and "| raysync local |" in proc.stdout
+    assert "### local" in proc.stdout and "| **raysync local** |" in proc.stdout
+    assert "| local-copy, small: \u00d7 shutil.copytree |" in proc.stdout  # the targets table
     assert proc.stdout.count("| cp -a |") == 2 and "20 files" in proc.stdout  # per shape
+    (chart,) = tmp_path.glob("bench-*.png")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 5000
