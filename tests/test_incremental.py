@@ -140,3 +140,24 @@ def test_sync_every_is_checked_at_decoration() -> None:
         isolated_export("runs/{x}", sync_every="5")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="returns the files by value"):
         isolated_export(None, sync_every=60)
+
+
+def test_rsync_to_a_mount_links_unchanged_files_and_sends_the_rest(host: Path) -> None:
+    @ray.remote(max_retries=0)
+    @isolated_export(f"rsync://{host}/mnt/{{run_id}}", conflict="overwrite")
+    def job(run_id: str, changed: str) -> None:
+        for i in range(12):
+            Path(f"data/{i}.bin").write_bytes(bytes([i]) * 100_000)
+        Path("export/changed.txt").write_text(changed)
+
+    first = ray.get(job.remote("r", "one"))
+    assert first.stats.extra["reused_files"] == 0
+    second = ray.get(job.remote("r", "two!"))
+    assert second.stats.extra["reused_files"] == 12
+    assert second.stats.extra["reused_bytes"] == 12 * 100_000
+    run = host / "mnt" / "r"
+    m = committed(run)
+    assert m.run["task_id"] == second.manifest.run["task_id"]
+    got = files_under(run)
+    assert got["export/changed.txt"] == b"two!" and got["data/11.bin"] == bytes([11]) * 100_000
+    assert not [p for p in (host / "mnt").iterdir() if "staging" in p.name]

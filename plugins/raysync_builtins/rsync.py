@@ -40,7 +40,7 @@ from urllib.parse import unquote, urlsplit
 
 import raysync
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
-from raysync.copy import changed_error, hash_entry
+from raysync.copy import changed_error, hash_entry, plan_reuse
 from raysync.errors import (
     ConfigError,
     DestinationError,
@@ -50,7 +50,7 @@ from raysync.errors import (
     RaySyncError,
     RunExistsError,
 )
-from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
 from raysync.result import ExportResult
 from raysync.target import Target
 from raysync_builtins.local import (
@@ -58,9 +58,11 @@ from raysync_builtins.local import (
     check_conflict,
     check_visible,
     commit_dir,
+    link_committed,
     list_dir_runs,
     materialize_dir,
     prepare_root,
+    read_committed,
 )
 
 log = logging.getLogger("raysync.rsync")
@@ -360,6 +362,19 @@ def source_dir(files: list[FileEntry], near: Path) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _prune(staging: Path, keep: set[str]) -> None:
+    """Remove files under ``staging`` whose paths are not in ``keep`` (rsync's partial dirs
+    stay: a resumed transfer needs them)."""
+    for dirpath, dirnames, filenames in os.walk(staging):
+        if PARTIAL_DIR in dirnames:
+            dirnames.remove(PARTIAL_DIR)
+        rel = os.path.relpath(dirpath, staging)
+        for name in filenames:
+            path = name if rel == "." else f"{rel}/{name}"
+            if path not in keep:
+                os.remove(os.path.join(dirpath, name))
+
+
 def hash_entries(files: list[FileEntry], algorithm: str) -> None:
     """Set every entry's digest (read once, in parallel with rsync reading the same pages)."""
     for entry in files:
@@ -429,13 +444,16 @@ class RsyncBackend:
         uri = request.target.uri
         try:
             rsync = Rsync(opts, remote)
+            reused: list[FileEntry] = []
             if remote.mode == "mount":
-                self._export_mount(request, rsync, remote, uri)
+                reused = self._export_mount(request, rsync, remote, uri)
             else:
                 self._export_remote(request, rsync, remote, uri)
         except RsyncFailed as e:
             raise self._error(e, request, uri) from None
         stats = rsync.stats.as_dict()
+        stats["reused_files"] = len(reused)
+        stats["reused_bytes"] = sum(e.size for e in reused)
         return ExportOutcome(
             uri=uri, payload=Location(uri, dict(request.target.options)), extra_stats=stats
         )
@@ -462,10 +480,16 @@ class RsyncBackend:
             hint=hint,
         )
 
-    def _export_mount(self, request: ExportRequest, rsync: Rsync, remote: Remote, uri: str) -> None:
+    def _export_mount(
+        self, request: ExportRequest, rsync: Rsync, remote: Remote, uri: str
+    ) -> list[FileEntry]:
+        """Stage with rsync next to the run, then rename; returns the files reused from the
+        run being replaced (hard-linked into the staging directory, not sent)."""
         dest = Path(remote.path)
         check_visible(request.prepared, dest, uri)
         replace = check_conflict(dest, task_id=request.task_id, conflict=request.conflict, uri=uri)
+        previous = read_committed(dest, uri=uri) if replace else None
+        reuse = plan_reuse(request.files, previous, request.checksum)
         staging = _staging_name(dest, request.task_id)
         try:
             staging.mkdir(parents=True, exist_ok=True)
@@ -476,9 +500,23 @@ class RsyncBackend:
                 hint="check that the destination is mounted read-write on this node",
             ) from e
         try:
-            self._transfer(request, rsync, str(staging) + "/")
-            # Leftovers of a killed attempt (partial files) are gone: --delete removed them
-            # and rsync removes its emptied partial dir; check anyway, then the manifest.
+            # A killed attempt may have left files here (the staging dir is named after the
+            # task): drop those the manifest does not list, keep the rest for rsync to resume,
+            # and link the files the replaced run already holds.
+            _prune(staging, {e.path for e in request.files})
+            reused = []
+            for entry in request.files:
+                if entry.path in reuse:
+                    out = safe_join(staging, entry.path)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with contextlib.suppress(FileNotFoundError):
+                        out.unlink()
+                    if link_committed(safe_join(dest, entry.path), entry, out):
+                        reused.append(entry)
+            linked = {e.path for e in reused}
+            send = [e for e in request.files if e.path not in linked]
+            self._transfer(request, rsync, str(staging) + "/", files=send)
+            # rsync removes its emptied partial dirs; check anyway, then the manifest.
             shutil.rmtree(staging / PARTIAL_DIR, ignore_errors=True)
             base = str(staging)
             for entry in request.files:
@@ -487,6 +525,7 @@ class RsyncBackend:
                     raise changed_error(entry, got)
             (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
             commit_dir(staging, dest, replace=replace, uri=uri)
+            return reused
         except BaseException:
             # A failure this process sees is final for this attempt: leave nothing on the
             # mount. (A worker killed mid-transfer cannot clean up; its Ray retry resumes
@@ -516,19 +555,27 @@ class RsyncBackend:
             )
 
     def _transfer(
-        self, request: ExportRequest, rsync: Rsync, dest: str, *, daemon: bool = False
+        self,
+        request: ExportRequest,
+        rsync: Rsync,
+        dest: str,
+        *,
+        daemon: bool = False,
+        files: list[FileEntry] | None = None,
     ) -> None:
+        """Send ``files`` (default: all of the request's); set their digests meanwhile."""
+        files = request.files if files is None else files
         args = [
             "-a",
             "--copy-links",  # the source dir holds symlinks to the workspace files
             # Never trust size + mtime: a retried call may write different bytes of the same
             # size within the same second. Files already there are delta-transferred.
             "--ignore-times",
-            "--delete",
             f"--partial-dir={PARTIAL_DIR}",
         ]
         if daemon:
-            args += ["--delete-before", "--delay-updates"]
+            # The run is updated in place: remove what the new manifest does not list.
+            args += ["--delete", "--delete-before", "--delay-updates"]
         else:
             # Local copies default to --whole-file; without it a retried attempt resumes a
             # killed file from its partial copy instead of copying it again.
@@ -537,11 +584,11 @@ class RsyncBackend:
 
         def hash_all() -> None:
             try:
-                hash_entries(request.files, request.manifest.checksum)
+                hash_entries([e for e in files if e.digest is None], request.checksum)
             except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
                 errors.append(e)
 
-        with source_dir(request.files, Path(request.workspace)) as src:
+        with source_dir(files, Path(request.workspace)) as src:
             hasher = threading.Thread(target=hash_all, name="raysync-rsync-hash")
             hasher.start()
             try:
