@@ -177,7 +177,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
             ax.text(v, i, f" {v:.2f}×", va="center", fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(
-        "raysync against the tools users would otherwise run (× the best baseline, higher is faster)",
+        "raysync against the tools users would otherwise run"
+        " (× the best baseline, higher is faster)",
         fontsize=10,
     )
     fig.text(0.01, 0.003, machine_line(report)[:180], fontsize=5)

@@ -21,7 +21,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,14 +82,19 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
-def _create(dst: Path, mode: int) -> int:
+def _create(dst: str | Path, mode: int) -> int:
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
     if mode & _UMASK:
         os.fchmod(fd, mode)  # open() applied the umask
     return fd
 
 
-def copy_small(entry: FileEntry, dst: Path, algorithm: str = checksum.DEFAULT) -> None:
+def copy_small(
+    entry: FileEntry,
+    dst: str | Path,
+    algorithm: str = checksum.DEFAULT,
+    digest: Callable[[bytes | memoryview], str] | None = None,
+) -> None:
     """Copy a small file with one read and one write; set ``entry.digest``."""
     assert entry.source is not None
     fd = os.open(entry.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -104,17 +109,15 @@ def copy_small(entry: FileEntry, dst: Path, algorithm: str = checksum.DEFAULT) -
         os.close(fd)
     if len(data) != entry.size:
         raise changed_error(entry, len(data))
-    h = checksum.new(algorithm)
-    h.update(data)
     out = _create(dst, entry.mode)
     try:
         _write_all(out, data)
     finally:
         os.close(out)
-    entry.digest = h.hexdigest()
+    entry.digest = (digest or checksum.oneshot(algorithm))(data)
 
 
-def copy_and_hash(entry: FileEntry, dst: Path, algorithm: str = checksum.DEFAULT) -> None:
+def copy_and_hash(entry: FileEntry, dst: str | Path, algorithm: str = checksum.DEFAULT) -> None:
     """Copy ``entry.source`` to ``dst`` (created, must not exist) and set ``entry.digest``.
 
     Streams in 1 MiB chunks, so memory stays bounded for any file size, and reads the
@@ -144,7 +147,7 @@ def copy_and_hash(entry: FileEntry, dst: Path, algorithm: str = checksum.DEFAULT
 
 
 def copy_files(
-    jobs: Sequence[tuple[FileEntry, Path]],
+    jobs: Sequence[tuple[FileEntry, str | Path]],
     algorithm: str = checksum.DEFAULT,
     *,
     dest_fs: Path | None = None,
@@ -163,9 +166,11 @@ def copy_files(
     parts = 1 if memory or len(small) < 256 else min(n, 4)
     batches = [small[i::parts] for i in range(parts)]
 
-    def run_batch(batch: list[tuple[FileEntry, Path]]) -> None:
+    digest = checksum.oneshot(algorithm)
+
+    def run_batch(batch: list[tuple[FileEntry, str | Path]]) -> None:
         for entry, dst in batch:
-            copy_small(entry, dst, algorithm)
+            copy_small(entry, dst, algorithm, digest)
 
     if not large and parts == 1:
         run_batch(small)

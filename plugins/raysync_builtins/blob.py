@@ -96,7 +96,7 @@ class Options:
 
     upload_concurrency: int = 16
     upload_part_concurrency: int = 10
-    upload_bytes_in_flight: int = 128 * 1024 * 1024
+    upload_bytes_in_flight: int = 64 * 1024 * 1024
     upload_part_size: int = 8 * 1024 * 1024
     #: Packing mode: files smaller than this many bytes go into tar archives of about
     #: ``upload_pack_size`` bytes instead of one object each (0: off).

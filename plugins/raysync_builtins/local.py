@@ -28,7 +28,7 @@ from raysync.errors import (
     MaterializeError,
     RunExistsError,
 )
-from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
 from raysync.result import ExportResult, place_files, read_path_chunks
 from raysync.target import Target, split_scheme
 
@@ -282,15 +282,21 @@ class LocalCopyBackend:
         except OSError as e:
             raise destination_error(e, dest.parent, request, uri) from e
         try:
-            made: set[Path] = {staging}
-            jobs = []
+            # Plain string paths: this loop runs once per file (Path objects cost more here
+            # than the copy of a small file).
+            base = os.fspath(staging)
+            made: set[str] = {base}
+            jobs: list[tuple[FileEntry, str | Path]] = []
             reused = [0, 0]
             for entry in request.files:
-                out = safe_join(staging, entry.path)
-                if out.parent not in made:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    made.add(out.parent)
-                if entry.path in reuse and link_committed(safe_join(dest, entry.path), entry, out):
+                out = os.path.join(base, check_relpath(entry.path))
+                parent = os.path.dirname(out)
+                if parent not in made:
+                    os.makedirs(parent, exist_ok=True)
+                    made.add(parent)
+                if entry.path in reuse and link_committed(
+                    safe_join(dest, entry.path), entry, Path(out)
+                ):
                     reused[0] += 1
                     reused[1] += entry.size
                     continue
