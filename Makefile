@@ -30,6 +30,7 @@ sysdeps:
 	command -v rsync >/dev/null 2>&1 || missing="$$missing rsync"; \
 	command -v ssh >/dev/null 2>&1 || missing="$$missing openssh-client"; \
 	[ -x /usr/sbin/sshd ] || command -v sshd >/dev/null 2>&1 || missing="$$missing openssh-server"; \
+	[ -x /usr/sbin/mkfs.btrfs ] || command -v mkfs.btrfs >/dev/null 2>&1 || missing="$$missing btrfs-progs"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

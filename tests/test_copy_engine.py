@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
@@ -133,3 +135,46 @@ def test_an_unknown_checksum_is_a_config_error_naming_the_choices() -> None:
     assert "docs/manifest.md" in (e.value.hint or "")
     with pytest.raises(ConfigError, match="upgrade raysync"):
         checksum.new("xxh4-256")
+
+
+@pytest.fixture
+def btrfs(tmp_path: Path) -> Iterator[Path]:
+    """A real btrfs file system on a loop device (it can clone files), unmounted after."""
+    mkfs = shutil.which("mkfs.btrfs")
+    if mkfs is None or os.geteuid() != 0:
+        pytest.skip("needs mkfs.btrfs (apt-get install btrfs-progs) and root to mount")
+    image, mnt = tmp_path / "btrfs.img", tmp_path / "btrfs"
+    with open(image, "wb") as f:
+        f.truncate(400 * 1024 * 1024)
+    subprocess.run([mkfs, "-q", str(image)], check=True, capture_output=True, timeout=60)
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True, timeout=60
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"this machine cannot mount a loop device: {mounted.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=60)
+
+
+def _used(path: Path) -> int:
+    os.sync()
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_on_a_file_system_with_reflinks_large_files_are_cloned_not_copied(btrfs: Path) -> None:
+    ws = btrfs / "ws"
+    big = os.urandom(64 * 1024 * 1024)
+    (ws / "data").mkdir(parents=True)
+    (ws / "data/model.bin").write_bytes(big)
+    (ws / "data/small.txt").write_bytes(b"small files are copied")
+    before = _used(btrfs)
+    entries = _copy(ws, btrfs / "dest", checksum.DEFAULT)
+    grew = _used(btrfs) - before
+    assert grew < 8 * 1024 * 1024, f"the copy took {grew:,} bytes: not a clone"
+    assert (btrfs / "dest/data/model.bin").read_bytes() == big
+    assert {e.path: e.digest for e in entries}["data/model.bin"] == EXPECTED["xxh3-128"](big)
+    verify_files(Manifest(files=entries, run={}, trees=["data"]), btrfs / "dest", uri="x")
