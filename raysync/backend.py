@@ -30,9 +30,9 @@ class Capabilities:
     read_back: bool = False
     #: :meth:`ExportBackend.prepare` must run on the driver before workers export.
     needs_driver: bool = False
-    #: A call can commit its run more than once (``sync_every`` checkpoints), each export
-    #: replacing the last; backends that return the files by value cannot.
-    checkpoints: bool = True
+    #: The files travel back in the result: there is no destination to commit to more than
+    #: once, so ``sync_every`` checkpoints are refused.
+    by_value: bool = False
 
     def names(self) -> list[str]:
         return [k for k, v in self.__dict__.items() if v]

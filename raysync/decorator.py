@@ -191,7 +191,7 @@ def _make_config(
                 f"sync_every={sync_every!r} must be a positive number of seconds",
                 hint="e.g. sync_every=300 for a checkpoint every five minutes, or None",
             )
-        if not be.capabilities.checkpoints:
+        if be.capabilities.by_value:
             raise ConfigError(
                 f"sync_every needs a destination, but the {be.name!r} backend returns the "
                 "files by value when the call ends",

@@ -54,7 +54,7 @@ def test_verify_passes_on_a_committed_run_and_names_a_tampered_file(
 
 def test_bench_subcommand_passes_its_options_on() -> None:
     proc = _raysync(
-        "bench", "--backend", "rsync", "--shape", "small", "--files", "5", "--repeat", "1", "--json"
+        "bench", "--backend", "rsync", "--tree", "small=5x4K", "--repeat", "1", "--json"
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)

@@ -50,7 +50,7 @@ class ReturnByValueBackend:
     name = "value"
     schemes = ("return",)
     default = True
-    capabilities = Capabilities(read_back=True, checkpoints=False)
+    capabilities = Capabilities(read_back=True, by_value=True)
 
     def check(self, target: Target) -> None:
         unknown = set(target.options) - {"max_bytes"}
