@@ -174,13 +174,7 @@ def copy_and_hash(entry: FileEntry, dst: str | Path, algorithm: str = checksum.D
         out = _create(dst, entry.mode)
         try:
             if _clone(src.fileno(), out):
-                with open(dst, "rb", buffering=0) as clone:
-                    while n := clone.readinto(buf):
-                        h.update(view[:n])
-                        seen += n
-                if seen != entry.size:
-                    raise changed_error(entry, seen)
-                entry.digest = h.hexdigest()
+                _hash_file_into(dst, entry, algorithm)  # the digest of what was committed
                 return
             while n := src.readinto(buf):
                 chunk = view[:n]
@@ -241,11 +235,16 @@ def hash_entry(entry: FileEntry, algorithm: str = checksum.DEFAULT) -> None:
     """Read ``entry.source`` once and set ``entry.digest`` (for backends that send the
     bytes some other way, e.g. rsync)."""
     assert entry.source is not None
+    _hash_file_into(entry.source, entry, algorithm)
+
+
+def _hash_file_into(path: str | Path, entry: FileEntry, algorithm: str) -> None:
+    """Set ``entry.digest`` from the file at ``path``, which must be ``entry.size`` long."""
     h = checksum.new(algorithm)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     seen = 0
-    with open(entry.source, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             h.update(view[:n])
             seen += n

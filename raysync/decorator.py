@@ -7,6 +7,7 @@ decorate (validate, on the driver) → workspace → run → scan → export →
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -582,21 +583,15 @@ async def _run_async(
     error: BaseException | None = None
     value: Any = None
     syncer: _Syncer | None = None
+    # chdir-mode calls take turns (cwd and environment are process-wide); others run at once.
+    turn: contextlib.AbstractAsyncContextManager[Any] = (
+        _async_lock() if cfg.chdir else contextlib.nullcontext()
+    )
     try:
-        if cfg.chdir:
-            async with _async_lock():
-                _start(call)
-                assert call.ws is not None
-                with workspace.activated(call.ws, cfg.env, chdir=True):
-                    syncer = _syncer(call)
-                    try:
-                        value = await fn(*args, **kwargs)
-                    except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
-                        error = e
-        else:
+        async with turn:
             _start(call)
             assert call.ws is not None
-            with workspace.activated(call.ws, cfg.env, chdir=False):
+            with workspace.activated(call.ws, cfg.env, chdir=cfg.chdir):
                 syncer = _syncer(call)
                 try:
                     value = await fn(*args, **kwargs)
