@@ -123,7 +123,7 @@ class HostSink:
         for sid, s in list(self.sessions.items()):
             if s.dest == path and s.task_id == task_id:
                 self._drop(sid)
-        replace = check_conflict(path, task_id=task_id, conflict=conflict, uri=f"host://{path}")
+        replace, _ = check_conflict(path, task_id=task_id, conflict=conflict, uri=f"host://{path}")
         staging = path.parent / f".{path.name}.raysync-staging-{uuid.uuid4().hex[:12]}"
         staging.mkdir(parents=True)
         sid = uuid.uuid4().hex

@@ -134,14 +134,17 @@ def check_visible(prepared: Mapping[str, str], dest: Path, uri: str) -> None:
         raise DestinationNotVisibleError(f"{dest} is outside the prepared root {root}", uri=uri)
 
 
-def check_conflict(dest: Path, *, task_id: str, conflict: str, uri: str) -> bool:
-    """Apply the conflict policy to a directory destination; True when replacing a run."""
+def check_conflict(
+    dest: Path, *, task_id: str, conflict: str, uri: str
+) -> tuple[bool, Manifest | None]:
+    """Apply the conflict policy to a directory destination: (replacing a run?, the manifest
+    of the committed run there, if any — what an incremental export may reuse)."""
     existing = read_committed(dest, uri=uri)
     if existing is not None:
         if existing.run.get("task_id") == task_id:
-            return True  # an earlier attempt of this very Ray task: a retry replaces it
+            return True, existing  # an earlier attempt of this very Ray task: a retry
         if conflict == "overwrite":
-            return True
+            return True, existing
         raise RunExistsError(
             "a committed run already exists here",
             uri=uri,
@@ -154,8 +157,8 @@ def check_conflict(dest: Path, *, task_id: str, conflict: str, uri: str) -> bool
                 uri=uri,
                 hint="choose an empty or new directory, or conflict='overwrite'",
             )
-        return True
-    return False
+        return True, None
+    return False, None
 
 
 def commit_dir(staging: Path, dest: Path, *, replace: bool, uri: str) -> None:
@@ -271,9 +274,10 @@ class LocalCopyBackend:
         dest = Path(request.target.local_path())
         uri = f"file://{dest}"
         check_visible(request.prepared, dest, uri)
-        replace = check_conflict(dest, task_id=request.task_id, conflict=request.conflict, uri=uri)
+        replace, previous = check_conflict(
+            dest, task_id=request.task_id, conflict=request.conflict, uri=uri
+        )
         # Incremental: files the run being replaced already holds are linked, not copied.
-        previous = read_committed(dest, uri=uri) if replace else None
         reuse = plan_reuse(request.files, previous, request.checksum)
         staging = dest.parent / f".{dest.name}.raysync-staging-{uuid.uuid4().hex[:12]}"
         try:

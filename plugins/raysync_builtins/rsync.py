@@ -62,7 +62,6 @@ from raysync_builtins.local import (
     list_dir_runs,
     materialize_dir,
     prepare_root,
-    read_committed,
 )
 
 log = logging.getLogger("raysync.rsync")
@@ -487,8 +486,9 @@ class RsyncBackend:
         run being replaced (hard-linked into the staging directory, not sent)."""
         dest = Path(remote.path)
         check_visible(request.prepared, dest, uri)
-        replace = check_conflict(dest, task_id=request.task_id, conflict=request.conflict, uri=uri)
-        previous = read_committed(dest, uri=uri) if replace else None
+        replace, previous = check_conflict(
+            dest, task_id=request.task_id, conflict=request.conflict, uri=uri
+        )
         reuse = plan_reuse(request.files, previous, request.checksum)
         staging = _staging_name(dest, request.task_id)
         try:
