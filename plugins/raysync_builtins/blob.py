@@ -381,28 +381,37 @@ class BlobBackend:
         shown: str,
     ) -> tuple[bool, Manifest | None]:
         """Check the conflict policy and take the run's lock; (replacing a run?, its
-        committed manifest)."""
-        existing = self._read_manifest(fs, run, shown, opts)
-        replace = False
-        if existing is not None:
-            if existing.run.get("task_id") == request.task_id or request.conflict == "overwrite":
-                replace = True
-            else:
+        committed manifest).
+
+        When the lock is held and then gone before its holder could be read, the other call
+        has just committed or given up: the run is looked at again (a few times at most)."""
+        lock = json.dumps(
+            {"task_id": request.task_id, "attempt": request.manifest.run.get("attempt")}
+        ).encode()
+        lock_path = f"{run}/{LOCK_NAME}"
+        for _ in range(3):
+            existing = self._read_manifest(fs, run, shown, opts)
+            replace = existing is not None
+            if existing is not None and not (
+                existing.run.get("task_id") == request.task_id or request.conflict == "overwrite"
+            ):
                 raise RunExistsError(
                     "a committed run already exists here",
                     uri=shown,
                     hint="use another output_uri (e.g. add {task_id}) or conflict='overwrite'",
                 )
-        lock = json.dumps(
-            {"task_id": request.task_id, "attempt": request.manifest.run.get("attempt")}
-        ).encode()
-        lock_path = f"{run}/{LOCK_NAME}"
-        try:
-            with_retries(
-                "taking the run lock", lambda: put(fs, lock_path, lock, create=conditional), opts
-            )
-        except FileExistsError:
-            holder = json.loads(fs.cat_file(lock_path) or b"{}")
+            try:
+                with_retries(
+                    "taking the run lock",
+                    lambda: put(fs, lock_path, lock, create=conditional),
+                    opts,
+                )
+                return replace, existing
+            except FileExistsError:
+                try:
+                    holder = json.loads(fs.cat_file(lock_path) or b"{}")
+                except FileNotFoundError:
+                    continue  # released between our write and our read: look again
             if holder.get("task_id") != request.task_id and request.conflict != "overwrite":
                 raise RunExistsError(
                     f"another call (task {holder.get('task_id')}) is writing this run",
@@ -411,7 +420,12 @@ class BlobBackend:
                     f"died, delete {LOCK_NAME} under the run or use conflict='overwrite'",
                 ) from None
             fs.pipe_file(lock_path, lock)  # an earlier attempt of this task died: take over
-        return replace, existing
+            return replace, existing
+        raise RunExistsError(
+            "other calls keep taking and releasing this run's lock",
+            uri=shown,
+            hint="give each call its own output_uri (e.g. add {task_id})",
+        )
 
     def _upload_all(
         self,
