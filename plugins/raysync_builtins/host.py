@@ -32,7 +32,7 @@ import ray
 import raysync
 from raysync import checksum
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
-from raysync.copy import changed_error
+from raysync.copy import changed_error, plan_reuse
 from raysync.errors import (
     ConfigError,
     DestinationError,
@@ -47,6 +47,7 @@ from raysync_builtins.local import (
     DirReader,
     check_conflict,
     commit_dir,
+    link_committed,
     list_dir_runs,
     materialize_dir,
 )
@@ -92,6 +93,10 @@ class _Session:
     staging: Path
     task_id: str
     replace: bool
+    #: The run being replaced, and the files hard-linked from it (incremental): those are
+    #: not sent, and not re-hashed.
+    previous: Manifest | None = None
+    linked: set[str] = field(default_factory=set)
     last: float = field(default_factory=time.monotonic)
 
 
@@ -112,7 +117,9 @@ class HostSink:
         """The driver allows writes under ``root`` (the static part of a target's path)."""
         self.roots.add(Path(root))
 
-    async def open(self, dest: str, task_id: str, conflict: str) -> str:
+    async def open(self, dest: str, task_id: str, conflict: str) -> tuple[str, bytes | None]:
+        """Start a transfer: (session id, the manifest of the run it replaces, if any — the
+        worker sends only files that run does not already hold)."""
         self._sweep()
         path = Path(os.path.normpath(dest))
         if not any(path.is_relative_to(r) for r in self.roots):
@@ -123,12 +130,36 @@ class HostSink:
         for sid, s in list(self.sessions.items()):
             if s.dest == path and s.task_id == task_id:
                 self._drop(sid)
-        replace, _ = check_conflict(path, task_id=task_id, conflict=conflict, uri=f"host://{path}")
+        replace, previous = check_conflict(
+            path, task_id=task_id, conflict=conflict, uri=f"host://{path}"
+        )
         staging = path.parent / f".{path.name}.raysync-staging-{uuid.uuid4().hex[:12]}"
         staging.mkdir(parents=True)
         sid = uuid.uuid4().hex
-        self.sessions[sid] = _Session(path, staging, task_id, replace)
-        return sid
+        self.sessions[sid] = _Session(path, staging, task_id, replace, previous)
+        return sid, (previous.to_bytes() if previous is not None else None)
+
+    async def link(self, sid: str, paths: list[str]) -> list[str]:
+        """Hard-link ``paths`` from the run being replaced into the staging directory; the
+        paths that could not be linked (the worker sends those)."""
+        session = self._session(sid)
+        previous = session.previous
+        entries = {f.path: f for f in previous.files} if previous is not None else {}
+
+        def link_all() -> list[str]:
+            failed = []
+            for path in paths:
+                entry = entries.get(path)
+                out = safe_join(session.staging, path)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                if entry is None or not link_committed(safe_join(session.dest, path), entry, out):
+                    failed.append(path)
+                else:
+                    session.linked.add(path)
+            return failed
+
+        session.last = time.monotonic()
+        return await asyncio.to_thread(link_all)
 
     async def write(self, sid: str, items: list[tuple[str, int, int]], refs: list[Any]) -> int:
         """Write one chunk: ``items`` are (path, offset in file, length) slices of the chunk,
@@ -151,7 +182,9 @@ class HostSink:
         session = self._session(sid)
         manifest = Manifest.from_bytes(manifest_bytes, uri=f"host://{session.dest}")
         try:
-            await asyncio.to_thread(_check_staged, session.staging, manifest, session.dest)
+            await asyncio.to_thread(
+                _check_staged, session.staging, manifest, session.dest, session.linked
+            )
             (session.staging / MANIFEST_NAME).write_bytes(manifest_bytes)
             commit_dir(
                 session.staging, session.dest, replace=session.replace, uri=str(session.dest)
@@ -216,11 +249,17 @@ def _write_items(staging: Path, items: list[tuple[str, int, int]], data: bytes) 
         pos += length
 
 
-def _check_staged(staging: Path, manifest: Manifest, dest: Path) -> None:
-    """Every file arrived whole: size and digest against the worker's manifest; modes set."""
+def _check_staged(staging: Path, manifest: Manifest, dest: Path, linked: set[str]) -> None:
+    """Every file arrived whole: size and digest against the worker's manifest; modes set.
+    Files linked from the replaced run (whose digests its manifest recorded) are checked by
+    size only."""
     bad = []
     for f in manifest.files:
         p = safe_join(staging, f.path)
+        if f.path in linked:
+            if p.stat().st_size != f.size:
+                bad.append(f.path)
+            continue
         if not p.exists() and f.size == 0:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.touch()
@@ -360,10 +399,21 @@ class HostSyncBackend:
         except ValueError as e:
             raise self._gone(request, uri) from e
         sid = None
+        reused: list[FileEntry] = []
         try:
-            sid = ray.get(sink.open.remote(str(dest), request.task_id, request.conflict))
+            sid, committed_bytes = ray.get(
+                sink.open.remote(str(dest), request.task_id, request.conflict)
+            )
+            # Incremental: the sink links what the replaced run already holds.
+            send = request.files
+            if committed_bytes is not None:
+                previous = Manifest.from_bytes(committed_bytes, uri=uri)
+                reuse = plan_reuse(request.files, previous, request.checksum)
+                unlinked = set(ray.get(sink.link.remote(sid, sorted(reuse)))) if reuse else set()
+                reused = [e for e in request.files if e.path in reuse - unlinked]
+                send = [e for e in request.files if e.path not in reuse or e.path in unlinked]
             in_flight: deque[Any] = deque()
-            for items, data in chunks(request.files, opts.chunk_size, request.manifest.checksum):
+            for items, data in chunks(send, opts.chunk_size, request.manifest.checksum):
                 in_flight.append(sink.write.remote(sid, items, [ray.put(data)]))
                 del data
                 if len(in_flight) >= opts.window:
@@ -385,6 +435,7 @@ class HostSyncBackend:
         return ExportOutcome(
             uri=f"host://{committed}",
             payload=Location(committed),
+            extra_stats={"reused_files": len(reused), "reused_bytes": sum(e.size for e in reused)},
         )
 
     def _gone(self, request: ExportRequest, uri: str) -> ExportError:
