@@ -142,42 +142,31 @@ def test_sync_every_is_checked_at_decoration() -> None:
         isolated_export(None, sync_every=60)
 
 
-def test_rsync_to_a_mount_links_unchanged_files_and_sends_the_rest(host: Path) -> None:
+@pytest.mark.parametrize(
+    ("template", "runs"),
+    [("rsync://{host}/mnt/{{run_id}}", "mnt"), ("host://out/{{run_id}}", "out")],
+    ids=["rsync-mount", "host-sync"],
+)
+def test_directory_backends_link_unchanged_files_and_send_the_rest(
+    host: Path, template: str, runs: str
+) -> None:
+    """rsync to a mount (staging next to the run) and host-sync (the driver's sink)."""
+
     @ray.remote(max_retries=0)
-    @isolated_export(f"rsync://{host}/mnt/{{run_id}}", conflict="overwrite")
-    def job(run_id: str, changed: str) -> None:
-        for i in range(12):
-            Path(f"data/{i}.bin").write_bytes(bytes([i]) * 100_000)
-        Path("export/changed.txt").write_text(changed)
-
-    first = ray.get(job.remote("r", "one"))
-    assert first.stats.extra["reused_files"] == 0
-    second = ray.get(job.remote("r", "two!"))
-    assert second.stats.extra["reused_files"] == 12
-    assert second.stats.extra["reused_bytes"] == 12 * 100_000
-    run = host / "mnt" / "r"
-    m = committed(run)
-    assert m.run["task_id"] == second.manifest.run["task_id"]
-    got = files_under(run)
-    assert got["export/changed.txt"] == b"two!" and got["data/11.bin"] == bytes([11]) * 100_000
-    assert not [p for p in (host / "mnt").iterdir() if "staging" in p.name]
-
-
-def test_host_sync_links_unchanged_files_on_the_driver_and_sends_the_rest(host: Path) -> None:
-    @ray.remote(max_retries=0)
-    @isolated_export("host://out/{run_id}", conflict="overwrite")
+    @isolated_export(template.format(host=host), conflict="overwrite")
     def job(run_id: str, changed: str) -> None:
         for i in range(8):
             Path(f"data/{i}.bin").write_bytes(bytes([i]) * 300_000)
         Path("export/changed.txt").write_text(changed)
 
-    first = ray.get(job.remote("h", "one"))
+    first = ray.get(job.remote("r", "one"))
     assert first.stats.extra["reused_files"] == 0
-    second = ray.get(job.remote("h", "two!"))
+    second = ray.get(job.remote("r", "two!"))
     assert second.stats.extra["reused_files"] == 8
     assert second.stats.extra["reused_bytes"] == 8 * 300_000
-    run = host / "out" / "h"
+    run = host / runs / "r"
     m = committed(run)
     assert m.run["task_id"] == second.manifest.run["task_id"]
     got = files_under(run)
     assert got["export/changed.txt"] == b"two!" and got["data/7.bin"] == bytes([7]) * 300_000
+    assert not [p for p in (host / runs).iterdir() if "staging" in p.name]
