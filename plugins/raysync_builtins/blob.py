@@ -558,7 +558,7 @@ class BlobBackend:
     ) -> None:
         try:
             name = dest.rsplit("/", 1)[-1]
-            with_retries(f"uploading {name}", lambda: fs.pipe_file(dest, bytes(body)), opts)
+            with_retries(f"uploading {name}", lambda: fs.pipe_file(dest, body), opts)
         finally:
             budget.release(held)
 
