@@ -195,12 +195,11 @@ def _export(
     ``prepare`` (cheap, repeated here) and the worker's ``export``."""
     from raysync.backend import ExportRequest
     from raysync.registry import get_registry
+    from raysync.rules import run_record
     from raysync.target import Target
 
     files = scan(root, ["export"]) if files is None else files
-    manifest = Manifest(
-        files=files, run={"status": "succeeded", "task_id": task_id}, trees=["export"]
-    )
+    manifest = Manifest(files=files, run=run_record("raysync.bench", task_id), trees=["export"])
     backend = get_registry().for_scheme(scheme)
     prepared = (
         backend.prepare(Target(prepare_uri or uri, scheme, options))

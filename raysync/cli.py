@@ -25,6 +25,12 @@ from raysync.result import place_files
 from raysync.target import Target, redact
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``): a name on disk can hold a newline,
+    which would otherwise forge rows in a listing."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def _backends(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = [
         {
@@ -91,7 +97,8 @@ def _ls(args: argparse.Namespace) -> int:
     for r in runs:
         files = "-" if r.files is None else str(r.files)
         size = "-" if r.bytes is None else f"{r.bytes:,}"
-        print(f"{r.status:<11} {files:>7} {size:>14} {r.ended_at or '-':<29} {r.uri}")
+        ended = printable(r.ended_at or "-")
+        print(f"{r.status:<11} {files:>7} {size:>14} {ended:<29} {printable(r.uri)}")
     return 0
 
 
@@ -321,5 +328,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except RaySyncError as e:
-        print(f"raysync: {e}", file=sys.stderr)
+        print(f"raysync: {redact(str(e))}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ loop was as fast as ``copy_file_range`` plus a hashing read; see docs/benchmarks
 from __future__ import annotations
 
 import errno
+import io
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -84,6 +85,38 @@ def changed_error(entry: FileEntry, seen: int) -> TreeError:
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_source(entry: FileEntry) -> int:
+    """Open a workspace file for reading (a file descriptor), proving it is the file the scan
+    saw: the same inode on the same device. A directory of the tree swapped for a symlink
+    after the scan would otherwise lead the read out of the workspace. An unreadable file is a
+    :class:`TreeError` (a problem of the tree, not of the destination)."""
+    assert entry.source is not None
+    try:
+        fd = os.open(entry.source, _O_READ)
+    except OSError as e:
+        raise TreeError(
+            f"cannot read {entry.path!r} from the workspace: {e.strerror}",
+            hint="make the output files readable by the worker's user",
+        ) from None
+    fp = entry.fingerprint
+    if fp is not None:
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_dev) != (fp[3], fp[4]):
+            os.close(fd)
+            raise TreeError(
+                f"{entry.path!r} was replaced while it was exported (another file is at its "
+                "path now: a directory swapped for a link?); nothing was committed",
+                hint="make sure nothing changes the output trees when the call returns",
+            )
+    return fd
+
+
+def open_source_file(entry: FileEntry) -> io.FileIO:
+    """:func:`open_source` as a binary file object (unbuffered)."""
+    return io.FileIO(open_source(entry), "rb", closefd=True)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -107,8 +140,7 @@ def copy_small(
     digest: Callable[[bytes | memoryview], str] | None = None,
 ) -> None:
     """Copy a small file with one read and one write; set ``entry.digest``."""
-    assert entry.source is not None
-    fd = os.open(entry.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = open_source(entry)
     try:
         data = os.read(fd, entry.size + 1)
         while len(data) < entry.size + 1:
@@ -120,7 +152,7 @@ def copy_small(
         os.close(fd)
     if len(data) != entry.size:
         raise changed_error(entry, len(data))
-    out = _create(dst, entry.mode)
+    out = _create(dst, entry.mode & 0o777)
     try:
         _write_all(out, data)
     finally:
@@ -170,8 +202,8 @@ def copy_and_hash(entry: FileEntry, dst: str | Path, algorithm: str = checksum.D
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     seen = 0
-    with open(entry.source, "rb", buffering=0) as src:
-        out = _create(dst, entry.mode)
+    with open_source_file(entry) as src:
+        out = _create(dst, entry.mode & 0o777)
         try:
             if _clone(src.fileno(), out):
                 _hash_file_into(dst, entry, algorithm)  # the digest of what was committed
@@ -239,12 +271,14 @@ def hash_entry(entry: FileEntry, algorithm: str = checksum.DEFAULT) -> None:
 
 
 def _hash_file_into(path: str | Path, entry: FileEntry, algorithm: str) -> None:
-    """Set ``entry.digest`` from the file at ``path``, which must be ``entry.size`` long."""
+    """Set ``entry.digest`` from the file at ``path``, which must be ``entry.size`` long
+    (``entry.source`` itself is opened with :func:`open_source`'s checks)."""
     h = checksum.new(algorithm)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     seen = 0
-    with open(path, "rb", buffering=0) as f:
+    src = open_source_file(entry) if path is entry.source else io.FileIO(path, "rb")
+    with src as f:
         while n := f.readinto(buf):
             h.update(view[:n])
             seen += n
@@ -255,9 +289,8 @@ def _hash_file_into(path: str | Path, entry: FileEntry, algorithm: str) -> None:
 
 def read_and_hash(entry: FileEntry, into: memoryview, algorithm: str = checksum.DEFAULT) -> None:
     """Read ``entry.source`` into ``into`` (exactly ``entry.size`` bytes) and set its digest."""
-    assert entry.source is not None
     seen = 0
-    with open(entry.source, "rb") as src:
+    with open_source_file(entry) as src:
         while seen < entry.size:
             n = src.readinto(into[seen:])
             if not n:

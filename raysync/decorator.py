@@ -11,7 +11,6 @@ import contextlib
 import functools
 import hashlib
 import inspect
-import logging
 import os
 import socket
 import threading
@@ -26,7 +25,7 @@ from typing import Any, TypeVar, cast
 import ray
 
 from raysync import checksum as checksum_mod
-from raysync import driver, workspace
+from raysync import driver, redaction, workspace
 from raysync.backend import CONFLICT_POLICIES, Conflict, ExportOutcome, ExportRequest
 from raysync.copy import KnownDigests
 from raysync.errors import (
@@ -39,12 +38,13 @@ from raysync.errors import (
 )
 from raysync.hookspecs import ExportBackend
 from raysync.manifest import FileEntry, Manifest, scan, tree_names
+from raysync.redaction import redact_error
 from raysync.registry import get_registry
 from raysync.result import ExportResult, ExportStats
 from raysync.target import BUILTIN_FIELDS, Target, redact, render, template_fields
 
 F = TypeVar("F")
-log = logging.getLogger("raysync")
+log = redaction.logger("raysync")
 
 #: chdir-mode calls in one process take turns: cwd and environment are process-wide.
 _CHDIR_LOCK = threading.RLock()
@@ -323,6 +323,22 @@ def _attempt() -> int:
         return 0
 
 
+def _session_name(ctx: Any) -> str:
+    """The Ray cluster session's name (``session_<date>_<pid>``): unique per cluster start."""
+    get = getattr(ctx, "get_session_name", None)  # public in newer Ray; else the node's
+    if get is not None:
+        return str(get())
+    return str(ray._private.worker.global_worker.node.session_name)
+
+
+def call_id(session: str, job_id: str, task_id: str) -> str:
+    """The ``{call_id}`` template field: the Ray task id and a digest of the cluster session
+    and job, so that it differs across clusters (a task id alone repeats) and stays the same
+    for every attempt of one call (a retry replaces its own earlier attempt's run)."""
+    digest = hashlib.sha256(f"{session}\0{job_id}".encode()).hexdigest()[:8]
+    return f"{task_id}-{digest}"
+
+
 def _begin(
     cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> _Call:
@@ -333,6 +349,9 @@ def _begin(
     task_id = (ctx.get_task_id() if ctx else None) or f"direct-{uuid.uuid4().hex}"
     node_id = (ctx.get_node_id() if ctx else None) or "local"
     job_id = (ctx.get_job_id() if ctx else None) or "local"
+    # Ray task ids repeat across clusters: the session (one per cluster start) and the job
+    # make "an earlier attempt of this call" mean this call (DESIGN invariant 7).
+    session = _session_name(ctx) if ctx else "local"
     attempt = _attempt()
     record = driver.lookup(cfg.key)
     if cfg.backend.capabilities.needs_driver and record is None:
@@ -344,6 +363,7 @@ def _begin(
             "driver publishes each destination when ray.init() runs or at decoration)",
         )
     values: dict[str, Any] = {
+        "call_id": call_id(session, job_id, task_id),
         "task_id": task_id,
         "job_id": job_id,
         "node_id": node_id,
@@ -367,6 +387,7 @@ def _begin(
     )
     run = {
         "function": cfg.function,
+        "session": session,
         "task_id": task_id,
         "job_id": job_id,
         "attempt": attempt,
@@ -485,14 +506,16 @@ def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResul
         with call.export_lock:
             files, manifest, outcome = _export(call, call.run)
     except RaySyncError as e:
-        raise e.kept_in(str(call.ws.root)) from None
-    except Exception as e:
+        # Redacted, and without its chain: a store client's error may quote a credential
+        # (DESIGN invariant 5), and Ray shows the whole chain on the driver.
+        raise redact_error(e).kept_in(str(call.ws.root)) from None
+    except Exception as e:  # noqa: BLE001 - re-raised as an ExportError, redacted, chain cut
         raise ExportError(
-            f"{type(e).__name__}: {e}",
+            redact(f"{type(e).__name__}: {e}"),
             backend=be.name,
             uri=redact(call.target.uri),
             workspace=str(call.ws.root),
-        ) from e
+        ) from None
     seconds = time.perf_counter() - t0
     stats = ExportStats(
         files=len(files),

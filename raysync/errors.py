@@ -53,14 +53,20 @@ class ConfigError(RaySyncError):
 class TemplateError(ConfigError):
     """An ``output_uri`` template names a field the call does not have, or renders unsafely."""
 
-    def __init__(self, message: str, *, template: str, available: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        template: str,
+        available: Iterable[str] = (),
+        hint: str | None = None,
+    ) -> None:
         self.template = template
         self.available = sorted(available)
-        hint = (
-            "use one of the available fields: " + ", ".join("{" + f + "}" for f in self.available)
-            if self.available
-            else None
-        )
+        if hint is None and self.available:
+            hint = "use one of the available fields: " + ", ".join(
+                "{" + f + "}" for f in self.available
+            )
         super().__init__(f"{message} (template {template!r})", hint=hint)
 
 

@@ -39,6 +39,9 @@ class FileEntry:
     digest: str | None = None
     source: str | Path | None = field(default=None, repr=False, compare=False)
     pack: dict[str, Any] | None = field(default=None, compare=False)
+    #: The object store's tag of the committed object (S3's ETag) when the backend records
+    #: one: a later incremental export trusts the object only while the store still shows it.
+    etag: str | None = field(default=None, compare=False)
     #: (size, mtime_ns, ctime_ns, inode, device) of ``source`` when scanned (not serialised):
     #: an unchanged fingerprint lets a later export of the same call skip re-hashing it.
     fingerprint: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
@@ -52,6 +55,8 @@ class FileEntry:
         }
         if self.pack is not None:
             out["pack"] = self.pack
+        if self.etag is not None:
+            out["etag"] = self.etag
         return out
 
 
@@ -103,12 +108,12 @@ class Manifest:
     def from_bytes(cls, data: bytes, *, uri: str = "-") -> Manifest:
         try:
             doc = json.loads(data)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise IntegrityError(f"manifest is not JSON ({e})", uri=uri, bad=[MANIFEST_NAME]) from e
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise IntegrityError("not a raysync manifest", uri=uri, bad=[MANIFEST_NAME])
         version = doc.get("version")
-        if version not in READS:
+        if isinstance(version, bool) or version not in READS:
             raise IntegrityError(
                 f"manifest version {version!r} is not supported by this raysync "
                 f"(reads versions {', '.join(map(str, READS))}); upgrade raysync",
@@ -116,25 +121,73 @@ class Manifest:
                 bad=[MANIFEST_NAME],
             )
         # Version 1 recorded sha256 digests under the key "sha256".
-        key, algorithm = ("sha256", "sha256") if version == 1 else ("digest", doc["checksum"])
-        files = []
-        for f in doc["files"]:
-            pack = f.get("pack")
-            files.append(
-                FileEntry(
-                    path=check_relpath(f["path"]),
-                    size=int(f["size"]),
-                    mode=int(f["mode"]),
-                    digest=str(f[key]),
-                    pack=dict(pack) if isinstance(pack, dict) else None,
-                )
-            )
-        return cls(
-            files=files,
-            run=dict(doc["run"]),
-            trees=list(doc["trees"]),
-            checksum=str(algorithm),
-        )
+        key = "sha256" if version == 1 else "digest"
+        algorithm = "sha256" if version == 1 else doc.get("checksum")
+        if algorithm not in checksum_mod.ALGORITHMS:
+            raise _damaged(uri, f"checksum {algorithm!r} is not one of {checksum_mod.ALGORITHMS}")
+        raw_files, run, trees = doc.get("files"), doc.get("run"), doc.get("trees")
+        if not isinstance(raw_files, list):
+            raise _damaged(uri, "'files' is not a list")
+        if not isinstance(run, dict):
+            raise _damaged(uri, "'run' is not an object")
+        if not isinstance(trees, list) or not all(isinstance(t, str) for t in trees):
+            raise _damaged(uri, "'trees' is not a list of names")
+        files = [_entry(f, i, key, uri) for i, f in enumerate(raw_files)]
+        _check_layout(files, uri)
+        return cls(files=files, run=dict(run), trees=list(trees), checksum=str(algorithm))
+
+
+def _damaged(uri: str, why: str) -> IntegrityError:
+    return IntegrityError(f"the manifest is damaged: {why}", uri=uri, bad=[MANIFEST_NAME])
+
+
+def _entry(f: Any, i: int, key: str, uri: str) -> FileEntry:
+    """One ``files`` item of a manifest, every field checked: a damaged or hostile manifest is
+    an :class:`IntegrityError` naming the field, never a ``KeyError`` or an overflow."""
+    if not isinstance(f, dict):
+        raise _damaged(uri, f"files[{i}] is not an object")
+    path, size, mode, digest = f.get("path"), f.get("size"), f.get("mode"), f.get(key)
+    if not isinstance(path, str):
+        raise _damaged(uri, f"files[{i}].path is not a string")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63:
+        raise _damaged(uri, f"files[{i}].size of {path!r} is not a file size: {size!r}")
+    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
+        raise _damaged(uri, f"files[{i}].mode of {path!r} is not a file mode: {mode!r}")
+    if not isinstance(digest, str) or not digest or not _HEX.issuperset(digest):
+        raise _damaged(uri, f"files[{i}].{key} of {path!r} is not a hex digest")
+    pack = f.get("pack")
+    if pack is not None and not isinstance(pack, dict):
+        raise _damaged(uri, f"files[{i}].pack of {path!r} is not an object")
+    etag = f.get("etag")
+    if etag is not None and not isinstance(etag, str):
+        raise _damaged(uri, f"files[{i}].etag of {path!r} is not a string")
+    return FileEntry(
+        path=check_relpath(path),
+        size=size,
+        mode=mode,
+        digest=digest,
+        pack=dict(pack) if pack is not None else None,
+        etag=etag,
+    )
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _check_layout(files: list[FileEntry], uri: str) -> None:
+    """No path twice, and no path that is also a directory of another: such a manifest cannot
+    be placed as files."""
+    paths: set[str] = set()
+    dirs: set[str] = set()
+    for f in files:
+        if f.path in paths:
+            raise _damaged(uri, f"{f.path!r} is listed twice")
+        paths.add(f.path)
+        parts = f.path.split("/")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    both = paths & dirs
+    if both:
+        raise _damaged(uri, f"{sorted(both)[0]!r} is listed as a file and as a directory")
 
 
 def check_relpath(path: str) -> str:
@@ -236,6 +289,18 @@ def scan(workspace: Path, trees: Sequence[str]) -> list[FileEntry]:
     entries: list[FileEntry] = []
     for tree in trees:
         root = workspace / tree
+        # Every component of the tree's path, not only the last: with trees=["a/b"] and "a"
+        # a link to a directory elsewhere, the walk would export files outside the workspace.
+        parts = tree.split("/")
+        for i in range(1, len(parts)):
+            head = workspace.joinpath(*parts[:i])
+            if head.is_symlink():
+                raise UnsafePathError(
+                    f"output tree {tree!r} lies under a symbolic link ({'/'.join(parts[:i])!r}); "
+                    "the files there may be outside the workspace",
+                    path=tree,
+                    hint="write the tree into a real directory of the workspace",
+                )
         if not root.exists() and not root.is_symlink():
             continue
         if root.is_symlink() or not root.is_dir():
@@ -250,7 +315,7 @@ def scan(workspace: Path, trees: Sequence[str]) -> list[FileEntry]:
                 FileEntry(
                     path=path[cut:],
                     size=st.st_size,
-                    mode=stat.S_IMODE(st.st_mode),
+                    mode=st.st_mode & 0o777,  # never setuid, setgid or sticky
                     source=path,
                     fingerprint=(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev),
                 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +12,9 @@ from typing import Any
 
 from raysync import checksum as checksum_mod
 from raysync.errors import IntegrityError, MaterializeError
+from raysync.fsops import makedirs, remove_tree
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
+from raysync.rules import placed_mode
 
 
 @dataclass(frozen=True)
@@ -122,25 +124,24 @@ def place_files(
     """Write ``files`` under ``dest``: all or nothing, each checked against its digest
     (algorithm ``checksum``).
 
-    Every path is checked first (no escapes, no conflicting existing file); the files are
-    staged in a hidden directory inside ``dest`` and verified; only then are they renamed into
-    place. On any failure the staging directory is removed and ``dest`` is as before.
+    Every target is checked before anything is written (no escapes; no file, link or
+    directory in the way of a directory; no directory where a file goes; no existing file with
+    other contents unless ``overwrite``), and every clash is reported at once. The files are
+    then staged in a hidden directory inside ``dest`` and verified; only then are they renamed
+    into place. On any failure the staging directory is removed and ``dest`` is as before.
+    Modes are the manifest's ``rwx`` bits less the umask (never setuid or setgid).
     """
     targets = [safe_join(dest, f.path) for f in files]
-    if not overwrite:
-        clashes = [
-            f.path
-            for f, t in zip(files, targets, strict=True)
-            if t.exists()
-            and (t.stat().st_size != f.size or checksum_mod.of_file(t, checksum) != f.digest)
-        ]
-        if clashes:
-            raise MaterializeError(
-                f"{len(clashes)} file(s) already exist in {dest} with other contents: "
-                + ", ".join(clashes[:10]),
-                hint="materialize into an empty directory or pass overwrite=True",
-            )
-    dest.mkdir(parents=True, exist_ok=True)
+    clashes = _clashes(dest, files, targets, checksum=checksum, overwrite=overwrite)
+    if clashes:
+        raise MaterializeError(
+            f"{len(clashes)} file(s) cannot be placed in {dest}; nothing was written: "
+            + "; ".join(clashes[:10])
+            + (" ..." if len(clashes) > 10 else ""),
+            hint="materialize into an empty directory, or pass overwrite=True to replace "
+            "files with other contents",
+        )
+    makedirs(dest)
     staging = dest / f".raysync-staging-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
@@ -153,17 +154,64 @@ def place_files(
                 for chunk in read(f):
                     h.update(chunk)
                     out.write(chunk)
-            os.chmod(tmp, f.mode)
+            os.chmod(tmp, placed_mode(f.mode))
             if h.hexdigest() != f.digest:
                 bad.append(f.path)
             staged.append(tmp)
         if bad:
             raise IntegrityError("files do not match the manifest", uri=uri, bad=bad)
         for tmp, target in zip(staged, targets, strict=True):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            makedirs(target.parent)
             os.replace(tmp, target)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
+
+
+def _clashes(
+    dest: Path,
+    files: Sequence[FileEntry],
+    targets: Sequence[Path],
+    *,
+    checksum: str,
+    overwrite: bool,
+) -> list[str]:
+    """What stands in the way of placing ``files`` at ``targets`` (empty: nothing)."""
+    out: list[str] = []
+    if os.path.lexists(dest) and not dest.is_dir():
+        return [f"{dest} is not a directory"]
+    good_dirs: set[str] = set()
+    for f, t in zip(files, targets, strict=True):
+        parts = f.path.split("/")
+        for i in range(1, len(parts)):
+            rel = "/".join(parts[:i])
+            if rel in good_dirs:
+                continue
+            try:
+                st = os.lstat(os.path.join(dest, rel))
+            except FileNotFoundError:
+                good_dirs.add(rel)  # made when placing
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                out.append(f"{rel!r} is a symbolic link where {f.path!r} needs a directory")
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                out.append(f"{rel!r} is a file where {f.path!r} needs a directory")
+                break
+            good_dirs.add(rel)
+        else:
+            try:
+                st = os.lstat(t)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                out.append(f"{f.path!r} is a directory here")
+            elif overwrite:
+                continue
+            elif not stat.S_ISREG(st.st_mode):
+                out.append(f"{f.path!r} exists and is not a regular file")
+            elif st.st_size != f.size or checksum_mod.of_file(t, checksum) != f.digest:
+                out.append(f"{f.path!r} exists with other contents")
+    return out
 
 
 def read_path_chunks(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:

@@ -9,11 +9,14 @@ import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import unquote
 
 from raysync.errors import TemplateError
+from raysync.redaction import redact as redact  # re-exported: older imports use it
+from raysync.redaction import remember
 
 #: Fields every call offers to an ``output_uri`` template, besides its own arguments.
-BUILTIN_FIELDS = ("task_id", "job_id", "node_id", "attempt")
+BUILTIN_FIELDS = ("call_id", "task_id", "job_id", "node_id", "attempt")
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _FILE_SCHEME = "file"
@@ -25,19 +28,6 @@ def split_scheme(uri: str) -> tuple[str, str]:
     if not m:
         return _FILE_SCHEME, uri
     return m.group(1).lower(), uri[m.end() :]
-
-
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*@")
-_SECRET_QUERY = re.compile(
-    r"([?&](?:[^=&]*(?:sig|signature|token|secret|key|password|credential)[^=&]*)=)[^&]*",
-    re.IGNORECASE,
-)
-
-
-def redact(uri: str) -> str:
-    """Hide credentials a URI may carry (``user:pass@``, signed-URL query values)."""
-    out = _USERINFO.sub(r"\1***@", uri)
-    return _SECRET_QUERY.sub(r"\1***", out)
 
 
 def template_fields(template: str) -> list[str]:
@@ -96,15 +86,95 @@ def render(template: str, values: Mapping[str, Any], *, available: Iterable[str]
             text = fmt.format_field(fmt.convert_field(obj, conversion), spec or "")
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
             raise TemplateError(f"cannot render field {{{name}}}: {e}", template=template) from e
-        parts = text.replace("\\", "/").split("/")
-        if not text or text.startswith("/") or ".." in parts or "\x00" in text:
+        problem = value_problem(text)
+        if problem:
             raise TemplateError(
-                f"value {text!r} of field {{{name}}} would move the destination "
-                "outside its template (empty, absolute path, '..' or NUL)",
+                f"value {text!r} of field {{{name}}} cannot name a run: {problem}",
                 template=template,
             )
         out.append(text)
-    return "".join(out)
+    rendered = "".join(out)
+    if template:  # "" is return-by-value: there is no destination
+        check_run_path(template, rendered)
+    return rendered
+
+
+#: How many rounds of percent-decoding a value is checked through (``%252e`` → ``%2e`` → ``.``).
+_DECODINGS = 3
+
+
+def _decoded_forms(text: str) -> list[str]:
+    """``text`` and what every round of percent-decoding makes of it: backends decode URIs
+    (rsync and fsspec URLs), so a value is checked as each of them will read it."""
+    forms = [text]
+    for _ in range(_DECODINGS):
+        nxt = unquote(forms[-1], errors="surrogateescape")
+        if nxt == forms[-1]:
+            break
+        forms.append(nxt)
+    return forms
+
+
+def control_chars(text: str) -> list[str]:
+    """The control characters in ``text`` (C0, DEL, C1): never part of a run name."""
+    return sorted({c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0})
+
+
+def value_problem(text: str) -> str | None:
+    """Why a field value cannot be part of a run's path, or ``None`` when it can.
+
+    Checked as written and after every percent-decoding a backend may apply: no empty value,
+    no absolute path, no ``.``, ``..`` or empty segment (``/`` and ``\\`` separate segments),
+    no control character (a newline would forge rows in listings), no ``::`` (fsspec reads
+    it as a chain of file systems)."""
+    if not text:
+        return "it is empty"
+    for form in _decoded_forms(text):
+        bad = control_chars(form)
+        if bad:
+            return f"it holds control characters {bad!r}"
+        unified = form.replace("\\", "/")
+        if unified.startswith("/"):
+            return "it is an absolute path"
+        parts = unified.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            return "it has a '.', '..' or empty path segment (after percent-decoding)"
+        if "::" in form:
+            return "it holds '::' (a chained fsspec URL)"
+    return None
+
+
+def check_run_path(template: str, rendered: str) -> None:
+    """A rendered URI must name a run strictly below its template's static root, with no
+    ``.``, ``..`` or empty segment past that root and no control character anywhere (as
+    written and percent-decoded). So a run is never the root itself or above it: exporting
+    there with ``conflict="overwrite"`` would replace every sibling run, or the project."""
+    path = split_scheme(rendered)[1]
+    root = static_prefix(split_scheme(template)[1])
+    for form in _decoded_forms(path):
+        bad = control_chars(form)
+        if bad:
+            raise TemplateError(
+                f"the destination {redact(rendered)!r} holds control characters {bad!r}",
+                template=template,
+            )
+    prefix = root if root in ("", "/") else root + "/"
+    tail = path[len(prefix) :].rstrip("/") if path.startswith(prefix) else ""
+    if not tail:
+        raise TemplateError(
+            f"the destination {redact(rendered)!r} is the template's root directory "
+            f"{root or '.'!r} (or above it), not a run inside it",
+            template=template,
+            hint="give the run its own name below the root, e.g. 'runs/{name}'",
+        )
+    for form in _decoded_forms(tail):
+        if any(p in ("", ".", "..") for p in form.replace("\\", "/").split("/")):
+            raise TemplateError(
+                f"the destination {redact(rendered)!r} has a '.', '..' or empty segment "
+                f"below its root {root or '.'!r}",
+                template=template,
+                hint="write the run's path without '.', '..' or '//' segments",
+            )
 
 
 @dataclass(frozen=True)
@@ -122,6 +192,11 @@ class Target:
     # Options may hold credentials: never in a repr (DESIGN invariant 5).
     options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     base_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        # Every secret a target carries is known to the redaction from here on, so no error
+        # or log line of this process shows it (DESIGN invariant 5).
+        remember(self.uri, self.options)
 
     @classmethod
     def parse(cls, uri: str, options: Mapping[str, Any] | None = None) -> Target:

@@ -40,6 +40,7 @@ from raysync.hookspecs import ExportBackend
 from raysync.manifest import FileEntry, Manifest, scan
 from raysync.registry import get_registry
 from raysync.result import ExportResult, ExportStats
+from raysync.rules import run_record
 from raysync.target import Target, split_scheme
 
 __all__ = ["BackendConformance", "ConformanceTarget"]
@@ -118,7 +119,7 @@ class BackendConformance:
         entries = scan(ws, ["export", "data", "artifacts"]) if files is None else files
         manifest = Manifest(
             files=entries,
-            run={"task_id": task_id, "status": "succeeded"},
+            run=conformance_run(task_id),
             trees=["export"],
             checksum=algorithm,
         )
@@ -236,6 +237,12 @@ class BackendConformance:
     def _read(self, result: ExportResult, tmp_path: Path, rel: str) -> bytes:
         out = result.materialize(tmp_path / f"read-{uuid.uuid4().hex[:8]}")
         return (out / rel).read_bytes()
+
+
+def conformance_run(task_id: str, function: str = "raysync.testing.conformance") -> dict[str, Any]:
+    """The manifest ``run`` record the suite's exports carry: one call per ``task_id`` (in one
+    session and job), all of one function, as the core records them."""
+    return run_record(function, task_id, session="conformance-session", job_id="conformance-job")
 
 
 def _str(p: Path | None) -> str | None:

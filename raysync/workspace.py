@@ -13,7 +13,6 @@ import contextlib
 import contextvars
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -26,6 +25,7 @@ from pathlib import Path
 import ray
 
 from raysync.errors import TreeError
+from raysync.fsops import remove_tree
 
 log = logging.getLogger("raysync")
 
@@ -174,7 +174,7 @@ def create(call_id: str, trees: Sequence[str], source: Path | None = None) -> Wo
 
 def remove(ws: Workspace) -> None:
     """Delete a workspace (only after its export committed). Links are removed, not followed."""
-    shutil.rmtree(ws.root, ignore_errors=True)
+    remove_tree(ws.root)
 
 
 @contextlib.contextmanager

@@ -469,3 +469,17 @@ def polling_reader(run: Path) -> Iterator[list[str]]:
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"hypothesis seed: {config.getoption('hypothesis_seed', None)} (pyproject.toml)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed property-based test says which seed drew its examples."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+        seed = item.config.getoption("hypothesis_seed", None)
+        report.sections.append(("hypothesis", f"seed: {seed} (rerun: --hypothesis-seed={seed})"))

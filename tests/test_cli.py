@@ -99,7 +99,7 @@ def test_ls_verify_and_pull_local_runs(tmp_path: Path, monkeypatch: pytest.Monke
     assert json.loads(pulled.stdout)["files"] == 2
     assert (tmp_path / "out" / "data" / "b.bin").read_bytes() == bytes(range(256)) * 40
     clash = _raysync("pull", "runs/two", "out")  # out/export/a.txt holds "one"
-    assert clash.returncode == 2 and "already exist" in clash.stderr
+    assert clash.returncode == 2 and "exists with other contents" in clash.stderr
 
     (tmp_path / "runs" / "two" / "export" / "a.txt").write_text("TWO")  # tampered
     bad = _raysync("verify", "runs/two", "--json")

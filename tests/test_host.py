@@ -36,11 +36,13 @@ def write(files: dict[str, bytes]) -> None:
 
 
 def test_host_sync_round_trip_conflicts_and_overwrite(host: Path, tmp_path: Path) -> None:
-    @ray.remote(max_retries=0)
-    @isolated_export("host://out/{run_id}", storage_options=SMALL_CHUNKS)
-    def run(run_id: str, seed: int) -> int:
+    def body(run_id: str, seed: int) -> int:
         write(tree(seed))
         return seed
+
+    run = ray.remote(max_retries=0)(
+        isolated_export("host://out/{run_id}", storage_options=SMALL_CHUNKS)(body)
+    )
 
     r = ray.get(run.remote("a", 1))
     dest = host / "out" / "a"
@@ -58,11 +60,12 @@ def test_host_sync_round_trip_conflicts_and_overwrite(host: Path, tmp_path: Path
     assert (kept_workspace(str(info.value)) / "export" / "big.bin").exists()
     assert files_under(dest)["export/big.bin"] == tree(1)["export/big.bin"]
 
-    @ray.remote(max_retries=0)
-    @isolated_export("host://out/{run_id}", conflict="overwrite", storage_options=SMALL_CHUNKS)
-    def again(run_id: str, seed: int) -> None:
-        write(tree(seed))
-
+    # conflict="overwrite" replaces a run of the same function.
+    again = ray.remote(max_retries=0)(
+        isolated_export("host://out/{run_id}", conflict="overwrite", storage_options=SMALL_CHUNKS)(
+            body
+        )
+    )
     ray.get(again.remote("a", 3))
     got = files_under(dest)
     got.pop(MANIFEST_NAME)
@@ -77,10 +80,12 @@ def test_the_sink_refuses_paths_outside_the_roots_the_driver_prepared(host: Path
         pass
 
     sink = get_or_create_sink(Options())
+    job = ray.get_runtime_context().get_job_id()
     # As a worker that tried to write elsewhere on the driver's machine would.
     for path in ("/etc/raysync-evil", str(host / "elsewhere" / "x")):
         with pytest.raises(DestinationError, match="outside every root"):
-            ray.get(sink.open.remote(path, "t1", "error"))
+            run = {"session": "s", "job_id": job, "task_id": "t1", "function": "f"}
+            ray.get(sink.open.remote(path, run, "error", job))
     assert not (host / "elsewhere").exists()
 
 

@@ -57,7 +57,7 @@ def test_collect_merges_many_results_and_refuses_conflicting_contents(
     # The same files again are fine; other contents at the same path are refused.
     raysync.collect(results, tmp_path / "all")
     (tmp_path / "all" / "data" / "r0.bin").write_bytes(b"changed")
-    with pytest.raises(MaterializeError, match="already exist"):
+    with pytest.raises(MaterializeError, match="exists with other contents"):
         raysync.collect(results[:1], tmp_path / "all")
     raysync.collect(results[:1], tmp_path / "all", overwrite=True)
     assert files_under(tmp_path / "all")["data/r0.bin"] == got["data/r0.bin"]

@@ -1,9 +1,12 @@
 """Soak: 200 calls over three backends with seeded random faults (docs/reliability.md).
 
 Faults: the user's code raises; the worker process dies before the call returns (the Ray
-retry must commit); the S3 endpoint answers 503 for bursts of time. Afterwards: committed runs
-= successful calls, every committed run verifies (0 corrupt), and no run is left half-written
-where a reader could take it for committed (0 partial)."""
+retry must commit); the S3 endpoint answers 503 for bursts of time. Run names and file names
+are drawn from the adversarial alphabet (dots, percent escapes, globs, separators, control
+characters, long names): a name that cannot name a run is refused before the call runs.
+Afterwards: committed runs = successful calls (0 lost), every committed run verifies (0
+corrupt), no run is left half-written where a reader could take it for committed (0
+partial), and nothing was written outside the destinations (0 outside)."""
 
 from __future__ import annotations
 
@@ -20,15 +23,30 @@ import ray
 
 from raysync import isolated_export
 from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
+from raysync.target import value_problem
 from tests.conftest import s3_options
 
 CALLS = 200
 SEED = 20261128
 
 
+#: Pieces of run names: some make a name raysync must refuse ('.', '%2e', a newline ...).
+RUN_PIECES = [".", "..", "%2e", "%252e", "*", "?", "[", "]", "a b", "-", "é", "\n", "~", "/x"]
+#: Pieces of file names, each valid on every backend here (moto refuses a newline in a key).
+FILE_PIECES = ["*", "?", "[x]", " sp ace ", "-rf", "é", "%2e", "...", "#", "x" * 120, "a=b&c"]
+
+
+def run_name(i: int) -> str:
+    rnd = random.Random(SEED * 7 + i)
+    return str(i) + "".join(rnd.choice(RUN_PIECES) for _ in range(rnd.randrange(0, 3)))
+
+
 def body(i: int) -> dict[str, bytes]:
     rnd = random.Random(i)
-    return {f"export/{j}.bin": rnd.randbytes(rnd.randrange(10, 20_000)) for j in range(5)}
+    return {
+        f"export/{j}{rnd.choice(FILE_PIECES)}.bin": rnd.randbytes(rnd.randrange(10, 20_000))
+        for j in range(5)
+    }
 
 
 @pytest.mark.slow
@@ -48,15 +66,15 @@ def test_soak_200_calls_with_random_faults(
     ]
     fast = {"upload_retry_base_delay": 0.02, "upload_retry_max_delay": 0.2, "upload_retries": 8}
     uris = {
-        "local": ("soak-local/{i}", None),
-        "s3": (f"s3://{bucket}/soak/{{i}}", s3_options(fault_proxy.url, **fast)),
-        "host": ("host://soak-host/{i}", None),
+        "local": ("soak-local/{name}", None),
+        "s3": (f"s3://{bucket}/soak/{{name}}", s3_options(fault_proxy.url, **fast)),
+        "host": ("host://soak-host/{name}", None),
     }
 
     def make(uri: str, options: dict[str, Any] | None) -> Any:
         @ray.remote(max_retries=1, retry_exceptions=False)
         @isolated_export(uri, storage_options=options, export_on_failure=False)
-        def call(i: int, fault: str, marks: str) -> int:
+        def call(i: int, name: str, fault: str, marks: str) -> int:
             for rel, data in body(i).items():
                 Path(rel).write_bytes(data)
             if fault == "raise":
@@ -70,6 +88,7 @@ def test_soak_200_calls_with_random_faults(
 
     marks = host / "marks"
     marks.mkdir()
+    before = sorted(p.name for p in host.iterdir())
     calls = {name: make(*uris[name]) for name in uris}
 
     stop = threading.Event()
@@ -87,7 +106,9 @@ def test_soak_200_calls_with_random_faults(
     injector = threading.Thread(target=faults)
     injector.start()
     try:
-        refs = [calls[name].remote(i, f, str(marks)) for i, (name, f) in enumerate(plan)]
+        refs = [
+            calls[name].remote(i, run_name(i), f, str(marks)) for i, (name, f) in enumerate(plan)
+        ]
         outcomes: list[str] = []
         for ref in refs:
             try:
@@ -104,28 +125,38 @@ def test_soak_200_calls_with_random_faults(
 
     fs = s3fs.S3FileSystem(**s3_options(moto_endpoint))
 
+    def run_dir(name: str, i: int) -> Path:
+        return host / ("soak-local" if name == "local" else "soak-host") / run_name(i)
+
     def manifest_of(name: str, i: int) -> Manifest | None:
+        if value_problem(run_name(i)) is not None:
+            return None
         if name == "s3":
-            key = f"{bucket}/soak/{i}/{MANIFEST_NAME}"
+            key = f"{bucket}/soak/{run_name(i)}/{MANIFEST_NAME}"
             return Manifest.from_bytes(fs.cat_file(key)) if fs.exists(key) else None
-        run = host / ("soak-local" if name == "local" else "soak-host") / str(i)
-        path = run / MANIFEST_NAME
+        path = run_dir(name, i) / MANIFEST_NAME
         return Manifest.from_bytes(path.read_bytes()) if path.exists() else None
 
-    committed = corrupt = 0
+    committed = corrupt = refused = 0
     for i, ((name, fault), result) in enumerate(zip(plan, outcomes, strict=True)):
         manifest = manifest_of(name, i)
-        expect_ok = fault != "raise"
+        bad_name = value_problem(run_name(i)) is not None
+        refused += bad_name
+        expect_ok = fault != "raise" and not bad_name
+        if bad_name:
+            assert result != "ok" and "TemplateError" in result, (i, run_name(i), result)
         assert (result == "ok") == expect_ok, (i, name, fault, result)
         assert (manifest is not None) == expect_ok, (i, name, fault)  # 0 partial, 0 extra
         if manifest is None:
             continue
         committed += 1
         if name == "s3":
-            got = {f.path: fs.cat_file(f"{bucket}/soak/{i}/{f.path}") for f in manifest.files}
+            got = {
+                f.path: fs.cat_file(f"{bucket}/soak/{run_name(i)}/{f.path}") for f in manifest.files
+            }
             ok = got == body(i)
         else:
-            run = host / ("soak-local" if name == "local" else "soak-host") / str(i)
+            run = run_dir(name, i)
             try:
                 verify_files(manifest, run, uri=str(run))
                 ok = {f.path: (run / f.path).read_bytes() for f in manifest.files} == body(i)
@@ -137,10 +168,22 @@ def test_soak_200_calls_with_random_faults(
         p.name
         for root in ("soak-local", "soak-host")
         if (host / root).exists()
-        for p in (host / root).iterdir()
+        for p in (host / root).rglob("*")
         if "staging" in p.name
     ]
-    leftovers += [k for k in fs.find(f"{bucket}/soak") if k.endswith(".raysync-lock")]
+    keys = fs.find(bucket)
+    leftovers += [k for k in keys if k.endswith(".raysync-lock")]
+    # Nothing outside the destinations: no new entry beside them on the driver's disk, no
+    # object outside the prefix, no run directory that is not one of the names.
+    outside = [p for p in sorted(q.name for q in host.iterdir()) if p not in before]
+    outside = [p for p in outside if p not in ("soak-local", "soak-host")]
+    outside += [k for k in keys if not k.startswith(f"{bucket}/soak/")]
+    for root, backend in (("soak-local", "local"), ("soak-host", "host")):
+        names = {run_name(i) for i, (b, _) in enumerate(plan) if b == backend}
+        for p in (host / root).rglob("raysync-manifest.json") if (host / root).exists() else []:
+            rel = p.parent.relative_to(host / root).as_posix()
+            if rel not in names:
+                outside.append(f"{root}/{rel}")
     successes = outcomes.count("ok")
     figures = {
         "calls": CALLS,
@@ -149,6 +192,8 @@ def test_soak_200_calls_with_random_faults(
         "committed_runs": committed,
         "corrupt": corrupt,
         "partial": len(leftovers),
+        "outside": len(outside),
+        "refused_names": refused,
         "faults": {
             "raise": sum(f == "raise" for _, f in plan),
             "worker_died": sum(f == "die" for _, f in plan),
@@ -158,4 +203,4 @@ def test_soak_200_calls_with_random_faults(
         "seconds": round(seconds, 1),
     }
     print("SOAK " + json.dumps(figures))
-    assert committed == successes and corrupt == 0 and leftovers == []
+    assert committed == successes and corrupt == 0 and leftovers == [] and outside == []

@@ -15,24 +15,21 @@ Commit protocol (docs/backends.md):
 
 from __future__ import annotations
 
-import errno
+import functools
 import json
-import logging
-import random
 import tarfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import raysync
-from raysync import checksum
+from raysync import checksum, rules
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
-from raysync.copy import CHUNK, changed_error, plan_reuse, read_and_hash
+from raysync.copy import CHUNK, changed_error, open_source_file, plan_reuse, read_and_hash
 from raysync.errors import (
     ConfigError,
     ExportError,
@@ -45,9 +42,20 @@ from raysync.errors import (
 )
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
 from raysync.result import ExportResult, place_files
-from raysync.target import Target, redact
-
-log = logging.getLogger("raysync.blob")
+from raysync.target import Target, redact, split_scheme
+from raysync_builtins.blobstore import (
+    ByteBudget,
+    Options,
+    cat_literal,
+    check_literal,
+    etag_of,
+    listing,
+    literal_problem,
+    log,
+    put,
+    rm_literal,
+    with_retries,
+)
 
 LOCK_NAME = ".raysync-lock"
 #: Protocols whose optional package is one of raysync's extras.
@@ -79,80 +87,6 @@ NOT_STORAGE = {
     "git",
     "gist",
 }
-
-
-def put(fs: Any, path: str, data: bytes, *, create: bool) -> None:
-    """Write one small object; ``create`` asks the store to refuse an existing one."""
-    if create:
-        fs.pipe_file(path, data, mode="create")
-    else:
-        fs.pipe_file(path, data)
-
-
-@dataclass(frozen=True)
-class Options:
-    """raysync's own upload options (``upload_*`` in storage_options); every other
-    storage_option goes to the fsspec filesystem unchanged."""
-
-    upload_concurrency: int = 16
-    upload_part_concurrency: int = 10
-    upload_bytes_in_flight: int = 64 * 1024 * 1024
-    upload_part_size: int = 8 * 1024 * 1024
-    #: Packing mode: files smaller than this many bytes go into tar archives of about
-    #: ``upload_pack_size`` bytes instead of one object each (0: off).
-    upload_pack_below: int = 0
-    upload_pack_size: int = 16 * 1024 * 1024
-    upload_retries: int = 6
-    upload_retry_base_delay: float = 0.2
-    upload_retry_max_delay: float = 10.0
-
-    @classmethod
-    def split(cls, options: Mapping[str, Any]) -> tuple[Options, dict[str, Any]]:
-        ours = {k: options[k] for k in cls.__dataclass_fields__ if k in options}
-        rest = {k: v for k, v in options.items() if k not in ours}
-        unknown = [k for k in rest if k.startswith("upload_")]
-        if unknown:
-            raise ConfigError(
-                f"unknown storage_options {unknown}; raysync's upload options "
-                f"are {sorted(cls.__dataclass_fields__)}"
-            )
-        for k, v in ours.items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-                raise ConfigError(
-                    f"storage_options[{k!r}] must be a non-negative number, not {v!r}"
-                )
-        opts = cls(**ours)
-        if (
-            opts.upload_concurrency < 1
-            or opts.upload_part_concurrency < 1
-            or opts.upload_part_size < 5 * 1024 * 1024
-        ):
-            raise ConfigError(
-                "upload_concurrency and upload_part_concurrency must be ≥ 1 and "
-                "upload_part_size ≥ 5 MiB "
-                "(S3's smallest multipart part)"
-            )
-        return opts, rest
-
-
-class ByteBudget:
-    """Bounds the bytes held in memory by uploads in flight (back-pressure, not a queue)."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit, self._used = limit, 0
-        self._cond = threading.Condition()
-
-    def acquire(self, n: int) -> int:
-        n = min(n, self._limit)  # one item larger than the budget still runs, alone
-        with self._cond:
-            self._cond.wait_for(lambda: self._used + n <= self._limit)
-            self._used += n
-        return n
-
-    def release(self, n: int) -> None:
-        with self._cond:
-            self._used -= n
-            self._cond.notify_all()
 
 
 #: Packs are named ``.raysync-pack-<export id>-<n>.tar`` at the run's root.
@@ -226,6 +160,14 @@ def read_packed(
     return data[offset : offset + entry.size]
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """What the claim found: the conflict decision and the run's objects (with ETags)."""
+
+    decision: rules.Decision
+    listing: dict[str, dict[str, Any]]
+
+
 @dataclass
 class Location:
     """Where a committed run lives, for reading it back (``ExportResult.payload``).
@@ -235,49 +177,6 @@ class Location:
 
     uri: str
     options: dict[str, Any] = field(repr=False)
-
-
-_PERMANENT = (
-    FileNotFoundError,
-    PermissionError,
-    FileExistsError,
-    IsADirectoryError,
-    NotADirectoryError,
-    ValueError,
-    TypeError,
-    NotImplementedError,
-    RaySyncError,
-)
-
-
-def is_transient(e: BaseException) -> bool:
-    """Worth retrying: 5xx, throttling, resets and timeouts; not missing buckets or denials."""
-    if isinstance(e, _PERMANENT):
-        return False
-    return not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS))
-
-
-def with_retries(what: str, fn: Callable[[], Any], opts: Options) -> Any:
-    """Call ``fn`` with exponential backoff and full jitter on transient errors."""
-    for attempt in range(opts.upload_retries + 1):
-        try:
-            return fn()
-        except Exception as e:
-            if not is_transient(e) or attempt == opts.upload_retries:
-                raise
-            cap = min(opts.upload_retry_max_delay, opts.upload_retry_base_delay * 2**attempt)
-            delay = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
-            log.info(
-                "raysync: %s failed (%s: %s); retry %d of %d in %.2fs",
-                what,
-                type(e).__name__,
-                e,
-                attempt + 1,
-                opts.upload_retries,
-                delay,
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 class BlobBackend:
@@ -327,26 +226,60 @@ class BlobBackend:
 
         opts, fs_options = Options.split(options)
         fs, path = fsspec.core.url_to_fs(uri, **fs_options)
-        return fs, path.rstrip("/"), opts
+        path = path.rstrip("/")
+        # The run is exactly the path the URI names: never a chained URL's inner path, a
+        # version of an object, or a path the client rewrote (DESIGN invariant 7).
+        scheme, rest = split_scheme(uri)
+        try:
+            literal = fs._strip_protocol(f"{scheme}://{rest}").rstrip("/")
+        except Exception:  # noqa: BLE001 - a client that cannot parse it: refused below
+            literal = None
+        problem = literal_problem(fs, path)
+        if literal != path or problem:
+            raise ConfigError(
+                f"{redact(uri)} does not name one literal location on this store "
+                f"({problem or f'the store reads it as {path!r}'})",
+                hint="write the run's URI without '::', '?' or '#' parts",
+            )
+        return fs, path, opts
 
     # -- export ----------------------------------------------------------------------------
     def export(self, request: ExportRequest) -> ExportOutcome:
         uri = request.target.uri
         fs, run, opts = self._open(uri, request.target.options)
         shown = redact(uri)
+        for e in request.files:
+            check_relpath(e.path)  # never a key outside the run (zip-slip)
+            try:
+                e.path.encode("utf-8")
+            except UnicodeEncodeError:
+                raise TreeError(
+                    f"{e.path!r} is not a valid UTF-8 name, which object store keys must be",
+                    hint="rename the file (its name holds bytes that are not UTF-8)",
+                ) from None
+            check_literal(fs, f"{run}/{e.path}", e.path)
         conditional = request.target.scheme in CONDITIONAL
-        replace, existing = self._claim(
-            fs, run, request, opts, conditional=conditional, shown=shown
-        )
+        claim = self._claim(fs, run, request, opts, conditional=conditional, shown=shown)
         manifest_path = f"{run}/{MANIFEST_NAME}"
+        previous = claim.decision.previous
+        old_gone = previous is None
         try:
-            # Incremental: objects the run being replaced already holds are not sent again.
-            reuse = plan_reuse(request.files, existing if replace else None, request.checksum)
+            # Incremental: objects the run being replaced holds, unchanged, are not sent again.
+            reuse = self._verified_reuse(fs, run, request, claim, opts)
+            if previous is not None:
+                # The replaced run disappears whole before any of its objects change: a
+                # reader sees it, then no run, then the new one (never a mix).
+                with_retries(
+                    "removing the replaced run's manifest",
+                    lambda: rm_literal(fs, [manifest_path]),
+                    opts,
+                )
+                old_gone = True
             self._upload_all(fs, run, request, opts, shown, skip=reuse)
             data = request.manifest.to_bytes()
             with_retries(
                 "writing the manifest",
-                lambda: put(fs, manifest_path, data, create=conditional and not replace),
+                lambda: put(fs, manifest_path, data, create=conditional),
                 opts,
             )
         except FileExistsError as e:
@@ -354,13 +287,13 @@ class BlobBackend:
             raise RunExistsError(
                 "another call committed this run first",
                 uri=shown,
-                hint="give each call its own output_uri (e.g. add {task_id})",
+                hint="give each call its own output_uri (e.g. add {call_id})",
             ) from e
         except BaseException:
-            # Nothing was committed: give the run back (our objects and the lock), so that a
-            # retry or another call can take it. When replacing a committed run, its objects
-            # are left as they are (see docs/backends.md on overwriting) and only the lock goes.
-            self._release(fs, run, opts, remove_data=not replace)
+            # Nothing was committed: give the run back (what is under it, which the claim
+            # proved ours, and the lock), so that a retry or another call can take it. A
+            # replaced run whose manifest is still there is left as it is; only the lock goes.
+            self._release(fs, run, opts, remove_data=old_gone)
             raise
         self._clean(fs, run, request.manifest, opts)
         reused = [e for e in request.files if e.path in reuse]
@@ -379,53 +312,129 @@ class BlobBackend:
         *,
         conditional: bool,
         shown: str,
-    ) -> tuple[bool, Manifest | None]:
-        """Check the conflict policy and take the run's lock; (replacing a run?, its
-        committed manifest).
+    ) -> _Claim:
+        """Take the run's lock and decide (:func:`raysync.rules.decide`) while holding it.
 
-        When the lock is held and then gone before its holder could be read, the other call
-        has just committed or given up: the run is looked at again (a few times at most)."""
-        lock = json.dumps(
-            {"task_id": request.task_id, "attempt": request.manifest.run.get("attempt")}
+        The run is looked at before the lock is written (nothing is written under a prefix
+        that is not ours to write) and again once the lock is held (the decision that counts:
+        another call may have committed in between). A lock held by another call refuses the
+        export, whatever the conflict policy: two calls never write one run at once. A lock
+        left by an earlier attempt of this call is taken over."""
+        run_record = request.manifest.run
+        body = json.dumps(
+            {k: run_record.get(k) for k in (*rules.IDENTITY_KEYS, "function", "attempt")}
         ).encode()
         lock_path = f"{run}/{LOCK_NAME}"
+        self._look(fs, run, request, opts, shown)  # refuse before writing anything
         for _ in range(3):
-            existing = self._read_manifest(fs, run, shown, opts)
-            replace = existing is not None
-            if existing is not None and not (
-                existing.run.get("task_id") == request.task_id or request.conflict == "overwrite"
-            ):
-                raise RunExistsError(
-                    "a committed run already exists here",
-                    uri=shown,
-                    hint="use another output_uri (e.g. add {task_id}) or conflict='overwrite'",
-                )
             try:
                 with_retries(
                     "taking the run lock",
-                    lambda: put(fs, lock_path, lock, create=conditional),
+                    lambda: put(fs, lock_path, body, create=conditional),
                     opts,
                 )
-                return replace, existing
             except FileExistsError:
-                try:
-                    holder = json.loads(fs.cat_file(lock_path) or b"{}")
-                except FileNotFoundError:
+                holder = self._holder(fs, lock_path, opts)
+                if holder is None:
                     continue  # released between our write and our read: look again
-            if holder.get("task_id") != request.task_id and request.conflict != "overwrite":
-                raise RunExistsError(
-                    f"another call (task {holder.get('task_id')}) is writing this run",
+                rules.decide(
+                    existing=None,
+                    occupied=True,
+                    run=run_record,
+                    conflict=request.conflict,
                     uri=shown,
-                    hint="give each call its own output_uri (e.g. add {task_id}); if that call "
-                    f"died, delete {LOCK_NAME} under the run or use conflict='overwrite'",
-                ) from None
-            fs.pipe_file(lock_path, lock)  # an earlier attempt of this task died: take over
-            return replace, existing
+                    leftover_owner=holder,
+                )
+                # An earlier attempt of this very call died holding the lock: take it over.
+                with_retries(
+                    "taking the run lock", lambda: put(fs, lock_path, body, create=False), opts
+                )
+            try:
+                return self._look(fs, run, request, opts, shown)
+            except BaseException:
+                self._release(fs, run, opts, remove_data=False)
+                raise
         raise RunExistsError(
             "other calls keep taking and releasing this run's lock",
             uri=shown,
-            hint="give each call its own output_uri (e.g. add {task_id})",
+            hint="give each call its own output_uri (e.g. add {call_id})",
         )
+
+    def _look(self, fs: Any, run: str, request: ExportRequest, opts: Options, shown: str) -> _Claim:
+        """List the run and apply the conflict decision to what is there."""
+        found = with_retries("listing the run", lambda: listing(fs, run), opts)
+        lock_path, manifest_path = f"{run}/{LOCK_NAME}", f"{run}/{MANIFEST_NAME}"
+        holder = self._holder(fs, lock_path, opts) if lock_path in found else None
+        existing = self._read_manifest(fs, run, shown, opts) if manifest_path in found else None
+        others = [k for k in found if k not in (lock_path, manifest_path)]
+        own_lock = holder is not None and rules.same_call(holder, request.manifest.run)
+        decision = rules.decide(
+            existing=existing,
+            occupied=bool(others) and not own_lock,
+            run=request.manifest.run,
+            conflict=request.conflict,
+            uri=shown,
+            leftover_owner=holder if existing is None and not own_lock else None,
+        )
+        if existing is not None and holder is not None and not own_lock:
+            # A committed run that another call is replacing right now.
+            rules.decide(
+                existing=None,
+                occupied=True,
+                run=request.manifest.run,
+                conflict=request.conflict,
+                uri=shown,
+                leftover_owner=holder,
+            )
+        return _Claim(decision, found)
+
+    @staticmethod
+    def _holder(fs: Any, lock_path: str, opts: Options) -> dict[str, Any] | None:
+        """Who holds the lock (``None``: no lock any more)."""
+        try:
+            data = with_retries("reading the run lock", lambda: fs.cat_file(lock_path), opts)
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(data or b"{}")
+        except ValueError:
+            holder = None
+        return holder if isinstance(holder, dict) else {"task_id": "unreadable lock"}
+
+    @staticmethod
+    def _verified_reuse(
+        fs: Any, run: str, request: ExportRequest, claim: _Claim, opts: Options
+    ) -> set[str]:
+        """The files the run being replaced holds unchanged, proven so: the store still shows
+        the ETag recorded when the object was written, or (stores without ETags) the object's
+        bytes hash to the digest. Anything else is uploaded again (DESIGN invariant 8)."""
+        previous = claim.decision.previous
+        reuse = plan_reuse(request.files, previous, request.checksum)
+        if previous is None or not reuse:
+            return set()
+        recorded = {f.path: f.etag for f in previous.files}
+        ok: set[str] = set()
+        for e in request.files:
+            if e.path not in reuse:
+                continue
+            key = f"{run}/{e.path}"
+            info = claim.listing.get(key)
+            if info is None or info.get("size") != e.size:
+                continue
+            tag, was = etag_of(info), recorded.get(e.path)
+            if tag and was:
+                if tag == was:
+                    e.etag = was
+                    ok.add(e.path)
+                continue
+            try:
+                read = functools.partial(fs.cat_file, key)
+                data = with_retries(f"reading {e.path} back", read, opts)
+            except FileNotFoundError:
+                continue
+            if checksum.of_bytes(data, request.checksum) == e.digest:
+                ok.add(e.path)
+        return ok
 
     def _upload_all(
         self,
@@ -437,15 +446,6 @@ class BlobBackend:
         *,
         skip: set[str] | frozenset[str] = frozenset(),
     ) -> None:
-        for e in request.files:
-            check_relpath(e.path)  # never a key outside the run (zip-slip)
-            try:
-                e.path.encode("utf-8")
-            except UnicodeEncodeError:
-                raise TreeError(
-                    f"{e.path!r} is not a valid UTF-8 name, which object store keys must be",
-                    hint="rename the file (its name holds bytes that are not UTF-8)",
-                ) from None
         budget = ByteBudget(opts.upload_bytes_in_flight)
         failed: dict[str, BaseException] = {}
         # Large files on S3 send several parts at once, from a pool of their own (a file's
@@ -520,7 +520,9 @@ class BlobBackend:
             try:
                 buf = bytearray(entry.size)
                 read_and_hash(entry, memoryview(buf), algorithm)
-                with_retries(f"uploading {entry.path}", lambda: fs.pipe_file(dest, buf), opts)
+                entry.etag = etag_of(
+                    with_retries(f"uploading {entry.path}", lambda: fs.pipe_file(dest, buf), opts)
+                )
             finally:
                 budget.release(held)
             return
@@ -537,7 +539,7 @@ class BlobBackend:
                 h = checksum.new(algorithm)
                 seen = 0
                 with (
-                    open(entry.source, "rb") as src,
+                    open_source_file(entry) as src,
                     fs.open(dest, "wb", block_size=opts.upload_part_size) as out,
                 ):
                     for chunk in iter(lambda: src.read(CHUNK), b""):
@@ -616,7 +618,7 @@ class BlobBackend:
         try:
             h = checksum.new(algorithm)
             seen = 0
-            with open(entry.source, "rb") as src:
+            with open_source_file(entry) as src:
                 number = 0
                 while True:
                     held = budget.acquire(opts.upload_part_size)
@@ -632,7 +634,7 @@ class BlobBackend:
             if seen != entry.size:
                 raise changed_error(entry, seen)
             done = [f.result() for f in pending]
-            with_retries(
+            completed = with_retries(
                 f"completing the upload of {entry.path}",
                 lambda: call(
                     "complete_multipart_upload",
@@ -645,6 +647,7 @@ class BlobBackend:
             )
             fs.invalidate_cache(dest)
             entry.digest = h.hexdigest()
+            entry.etag = etag_of(completed)
         except BaseException:
             for f in pending:
                 f.cancel()
@@ -657,14 +660,16 @@ class BlobBackend:
 
     @staticmethod
     def _release(fs: Any, run: str, opts: Options, *, remove_data: bool) -> None:
-        """After a failed export: delete what it wrote under the run (or only its lock)."""
+        """After a failed export: delete what is under the run (the claim proved it ours)
+        when ``remove_data``, and the lock, last."""
+        lock = f"{run}/{LOCK_NAME}"
         try:
             if remove_data:
-                paths = [p for p in fs.find(run) if not p.endswith("/" + MANIFEST_NAME)]
-            else:
-                paths = [f"{run}/{LOCK_NAME}"]
-            if paths:
-                with_retries("releasing the run", lambda: fs.rm(paths), opts)
+                found = listing(fs, run)
+                paths = [p for p in found if p not in (lock, f"{run}/{MANIFEST_NAME}")]
+                if paths:
+                    with_retries("releasing the run", lambda: rm_literal(fs, paths), opts)
+            with_retries("releasing the run lock", lambda: rm_literal(fs, [lock]), opts)
         except Exception as e:  # noqa: BLE001 - the export's own error is the one to raise
             log.warning(
                 "raysync: could not release the run after a failed export (%s); delete %s "
@@ -675,12 +680,16 @@ class BlobBackend:
 
     @staticmethod
     def _clean(fs: Any, run: str, manifest: Manifest, opts: Options) -> None:
-        keep = {f"{run}/{f.path}" for f in manifest.files} | {f"{run}/{MANIFEST_NAME}"}
+        """After the commit: remove objects the manifest does not list (a replaced run's or a
+        dead attempt's), then the lock."""
+        lock = f"{run}/{LOCK_NAME}"
+        keep = {f"{run}/{f.path}" for f in manifest.files} | {f"{run}/{MANIFEST_NAME}", lock}
         keep |= {f"{run}/{f.pack['object']}" for f in manifest.files if f.pack is not None}
         try:
-            stale = [p for p in fs.find(run) if p.rstrip("/") not in keep]
+            stale = [p for p in listing(fs, run) if p not in keep]
             if stale:
-                with_retries("removing stale objects", lambda: fs.rm(stale), opts)
+                with_retries("removing stale objects", lambda: rm_literal(fs, stale), opts)
+            with_retries("releasing the run lock", lambda: rm_literal(fs, [lock]), opts)
         except Exception as e:  # noqa: BLE001 - the run is committed; leftovers are harmless
             log.warning("raysync: could not remove stale objects under the run: %s", e)
 
@@ -703,7 +712,9 @@ class BlobBackend:
         manifests = [k for k in keys if k.endswith("/" + MANIFEST_NAME) or k == MANIFEST_NAME]
         locks = [k for k in keys if k.endswith("/" + LOCK_NAME)]
         got = (
-            with_retries("reading manifests", lambda: fs.cat(manifests), opts) if manifests else {}
+            with_retries("reading manifests", lambda: cat_literal(fs, manifests), opts)
+            if manifests
+            else {}
         )
         runs = []
         for key, data in sorted(got.items()):
@@ -730,7 +741,7 @@ class BlobBackend:
         committed = self._read_manifest(fs, run, shown, opts)
         if committed is None:
             raise MaterializeError(f"{shown} has no manifest: the run is incomplete or gone")
-        if committed.run.get("task_id") != result.manifest.run.get("task_id"):
+        if not rules.same_call(committed.run, result.manifest.run):
             raise IntegrityError(
                 "the run at this URI was replaced by another call", uri=shown, bad=[MANIFEST_NAME]
             )
@@ -750,7 +761,7 @@ class BlobBackend:
                     break
                 batch.append(f"{run}/{f.path}")
                 size += f.size
-            got = with_retries("downloading files", lambda: fs.cat(batch), opts)
+            got = with_retries("downloading files", lambda: cat_literal(fs, batch), opts)
             fetched.clear()
             fetched.update({p.removeprefix(run + "/"): data for p, data in got.items()})
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-import shutil
+import secrets
 import time
 import uuid
 from collections import deque
@@ -30,9 +30,19 @@ from typing import Any
 import ray
 
 import raysync
-from raysync import checksum
+from raysync import checksum, rules
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
-from raysync.copy import changed_error, plan_reuse
+from raysync.copy import changed_error, open_source_file, plan_reuse
+from raysync.dirrun import (
+    DirReader,
+    check_conflict,
+    check_inside,
+    commit_dir,
+    link_reused,
+    list_dir_runs,
+    materialize_dir,
+    staging_dir,
+)
 from raysync.errors import (
     ConfigError,
     DestinationError,
@@ -40,17 +50,10 @@ from raysync.errors import (
     IntegrityError,
     RaySyncError,
 )
+from raysync.fsops import makedirs, remove_tree
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
 from raysync.result import ExportResult
 from raysync.target import Target
-from raysync_builtins.local import (
-    DirReader,
-    check_conflict,
-    commit_dir,
-    link_committed,
-    list_dir_runs,
-    materialize_dir,
-)
 
 MIB = 1024 * 1024
 SINK_PREFIX = "raysync-host-sink"
@@ -91,72 +94,97 @@ class Options:
 class _Session:
     dest: Path
     staging: Path
-    task_id: str
-    replace: bool
-    #: The run being replaced, and the files hard-linked from it (incremental): those are
-    #: not sent, and not re-hashed.
-    previous: Manifest | None = None
+    #: The sending call's manifest ``run`` (its identity and function).
+    run: dict[str, Any]
+    conflict: str
+    decision: rules.Decision
+    #: Files hard-linked from the run being replaced (incremental), verified when linked:
+    #: those are not sent.
     linked: set[str] = field(default_factory=set)
     last: float = field(default_factory=time.monotonic)
 
 
 class HostSink:
-    """The actor on the driver's node that receives and commits runs (async: many senders)."""
+    """The actor on the driver's node that receives and commits runs (async: many senders).
 
-    def __init__(self, sink_slots: int, idle_timeout: float) -> None:
+    It writes only under the roots its own driver allowed: :meth:`allow` takes the key the
+    driver created the sink with (kept in the driver's memory), and :meth:`open` only calls of
+    the sink's own job. Ray authenticates no caller inside a cluster, so this keeps other
+    jobs' code from widening where the sink writes, by mistake or by design."""
+
+    def __init__(self, sink_slots: int, idle_timeout: float, job_id: str, key: str) -> None:
         self.roots: set[Path] = set()
         self.sessions: dict[str, _Session] = {}
         self.slots = asyncio.Semaphore(sink_slots)
         self.idle_timeout = idle_timeout
+        self.job_id = job_id
+        self._key = key
         self.held = 0
         self.peak_held = 0
         self.start_rss = _rss_peak()
         self.received = 0
 
-    async def allow(self, root: str) -> None:
+    async def allow(self, root: str, key: str) -> None:
         """The driver allows writes under ``root`` (the static part of a target's path)."""
-        self.roots.add(Path(root))
+        if not secrets.compare_digest(key, self._key):
+            raise DestinationError(
+                "only the driver that created this sink may allow a destination root",
+                uri=f"host://{root}",
+            )
+        path = Path(root)
+        if not path.is_absolute() or os.path.normpath(root) != root or root == "/":
+            raise DestinationError("a sink root must be a normal absolute path", uri=root)
+        self.roots.add(path)
 
-    async def open(self, dest: str, task_id: str, conflict: str) -> tuple[str, bytes | None]:
+    async def open(
+        self, dest: str, run: dict[str, Any], conflict: str, job_id: str
+    ) -> tuple[str, bytes | None]:
         """Start a transfer: (session id, the manifest of the run it replaces, if any — the
         worker sends only files that run does not already hold)."""
         self._sweep()
-        path = Path(os.path.normpath(dest))
-        if not any(path.is_relative_to(r) for r in self.roots):
-            raise DestinationError(
-                "this path is outside every root the driver prepared", uri=f"host://{path}"
-            )
-        # An earlier attempt of the same task (its worker died) is dropped: a retry replaces.
+        uri = f"host://{dest}"
+        if job_id != self.job_id:
+            raise DestinationError(f"this sink serves job {self.job_id} only", uri=uri)
+        if not os.path.isabs(dest) or os.path.normpath(dest) != dest:
+            raise DestinationError("a run path must be a normal absolute path", uri=uri)
+        path = Path(dest)
+        root = next((r for r in self.roots if path.is_relative_to(r)), None)
+        if root is None:
+            raise DestinationError("this path is outside every root the driver prepared", uri=uri)
+        check_inside(root, path, uri)
+        # An earlier attempt of the same call (its worker died) is dropped: a retry replaces.
         for sid, s in list(self.sessions.items()):
-            if s.dest == path and s.task_id == task_id:
+            if s.dest == path and rules.same_call(s.run, run):
                 self._drop(sid)
-        replace, previous = check_conflict(
-            path, task_id=task_id, conflict=conflict, uri=f"host://{path}"
-        )
-        staging = path.parent / f".{path.name}.raysync-staging-{uuid.uuid4().hex[:12]}"
-        staging.mkdir(parents=True)
+        decision = check_conflict(path, run=run, conflict=conflict, uri=uri)
+        staging = staging_dir(path)
+        makedirs(staging.parent)
+        staging.mkdir()
         sid = uuid.uuid4().hex
-        self.sessions[sid] = _Session(path, staging, task_id, replace, previous)
+        self.sessions[sid] = _Session(path, staging, dict(run), conflict, decision)
+        previous = decision.previous
         return sid, (previous.to_bytes() if previous is not None else None)
 
-    async def link(self, sid: str, paths: list[str]) -> list[str]:
-        """Hard-link ``paths`` from the run being replaced into the staging directory; the
-        paths that could not be linked (the worker sends those)."""
+    async def link(self, sid: str, paths: list[str], algorithm: str) -> list[str]:
+        """Hard-link ``paths`` from the run being replaced into the staging directory, each
+        re-hashed against its digest; the paths that were not linked (the worker sends
+        those)."""
         session = self._session(sid)
-        previous = session.previous
+        previous = session.decision.previous
         entries = {f.path: f for f in previous.files} if previous is not None else {}
 
         def link_all() -> list[str]:
-            failed = []
+            pairs = []
             for path in paths:
                 entry = entries.get(path)
+                if entry is None:
+                    continue
                 out = safe_join(session.staging, path)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                if entry is None or not link_committed(safe_join(session.dest, path), entry, out):
-                    failed.append(path)
-                else:
-                    session.linked.add(path)
-            return failed
+                makedirs(out.parent)
+                pairs.append((entry, safe_join(session.dest, path), str(out)))
+            linked = link_reused(pairs, algorithm)
+            session.linked |= linked
+            return [p for p in paths if p not in linked]
 
         session.last = time.monotonic()
         return await asyncio.to_thread(link_all)
@@ -187,7 +215,12 @@ class HostSink:
             )
             (session.staging / MANIFEST_NAME).write_bytes(manifest_bytes)
             commit_dir(
-                session.staging, session.dest, replace=session.replace, uri=str(session.dest)
+                session.staging,
+                session.dest,
+                session.decision,
+                run=session.run,
+                conflict=session.conflict,
+                uri=f"host://{session.dest}",
             )
         except BaseException:
             self._drop(sid)
@@ -222,7 +255,7 @@ class HostSink:
     def _drop(self, sid: str) -> None:
         s = self.sessions.pop(sid, None)
         if s is not None:
-            shutil.rmtree(s.staging, ignore_errors=True)
+            remove_tree(s.staging)
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -240,8 +273,8 @@ def _write_items(staging: Path, items: list[tuple[str, int, int]], data: bytes) 
     pos = 0
     for path, offset, length in items:
         out = safe_join(staging, check_relpath(path))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+        makedirs(out.parent)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             os.pwrite(fd, view[pos : pos + length], offset)
         finally:
@@ -251,8 +284,7 @@ def _write_items(staging: Path, items: list[tuple[str, int, int]], data: bytes) 
 
 def _check_staged(staging: Path, manifest: Manifest, dest: Path, linked: set[str]) -> None:
     """Every file arrived whole: size and digest against the worker's manifest; modes set.
-    Files linked from the replaced run (whose digests its manifest recorded) are checked by
-    size only."""
+    Files linked from the replaced run were re-hashed when linked; they are checked by size."""
     bad = []
     for f in manifest.files:
         p = safe_join(staging, f.path)
@@ -261,7 +293,7 @@ def _check_staged(staging: Path, manifest: Manifest, dest: Path, linked: set[str
                 bad.append(f.path)
             continue
         if not p.exists() and f.size == 0:
-            p.parent.mkdir(parents=True, exist_ok=True)
+            makedirs(p.parent)
             p.touch()
         h = checksum.new(manifest.checksum)
         try:
@@ -270,7 +302,7 @@ def _check_staged(staging: Path, manifest: Manifest, dest: Path, linked: set[str
                     h.update(chunk)
             if p.stat().st_size != f.size or h.hexdigest() != f.digest:
                 bad.append(f.path)
-            os.chmod(p, f.mode)
+            os.chmod(p, f.mode & 0o777)
         except FileNotFoundError:
             bad.append(f.path)
     if bad:
@@ -290,7 +322,7 @@ def chunks(
         assert entry.source is not None
         h = checksum.new(algorithm)
         seen = 0
-        with open(entry.source, "rb") as f:
+        with open_source_file(entry) as f:
             while True:
                 room = chunk_size - len(buf)
                 data = f.read(room)
@@ -340,9 +372,17 @@ def get_or_create_sink(opts: Options) -> Any:
                 max_concurrency=1000,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(ctx.get_node_id(), soft=False),
             )
-            .remote(opts.sink_slots, opts.idle_timeout)
+            .remote(opts.sink_slots, opts.idle_timeout, ctx.get_job_id(), _sink_key(key))
         )
     return sink
+
+
+#: The key each sink this driver created was given: :meth:`HostSink.allow` needs it.
+_SINK_KEYS: dict[tuple[str, str], str] = {}
+
+
+def _sink_key(key: tuple[str, str]) -> str:
+    return _SINK_KEYS.setdefault(key, secrets.token_hex(16))
 
 
 @dataclass
@@ -375,8 +415,9 @@ class HostSyncBackend:
         if not ray.is_initialized():
             return {"root": str(root)}
         sink = get_or_create_sink(opts)
-        ray.get(sink.allow.remote(str(root)))
         ctx = ray.get_runtime_context()
+        key = _sink_key((ctx.gcs_address, sink_name(ctx.get_job_id(), opts)))
+        ray.get(sink.allow.remote(os.path.normpath(root), key))
         return {
             "root": str(root),
             "sink": sink_name(ctx.get_job_id(), opts),
@@ -401,15 +442,21 @@ class HostSyncBackend:
         sid = None
         reused: list[FileEntry] = []
         try:
+            job_id = ray.get_runtime_context().get_job_id()
+            run = dict(request.manifest.run)
             sid, committed_bytes = ray.get(
-                sink.open.remote(str(dest), request.task_id, request.conflict)
+                sink.open.remote(str(dest), run, request.conflict, job_id)
             )
             # Incremental: the sink links what the replaced run already holds.
             send = request.files
             if committed_bytes is not None:
                 previous = Manifest.from_bytes(committed_bytes, uri=uri)
                 reuse = plan_reuse(request.files, previous, request.checksum)
-                unlinked = set(ray.get(sink.link.remote(sid, sorted(reuse)))) if reuse else set()
+                unlinked = (
+                    set(ray.get(sink.link.remote(sid, sorted(reuse), request.checksum)))
+                    if reuse
+                    else set()
+                )
                 reused = [e for e in request.files if e.path in reuse - unlinked]
                 send = [e for e in request.files if e.path not in reuse or e.path in unlinked]
             in_flight: deque[Any] = deque()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
+import json
 import os
 import random
 import re
@@ -33,14 +33,27 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 import raysync
+from raysync import redaction, rules
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
-from raysync.copy import changed_error, hash_entry, plan_reuse
+from raysync.copy import copy_threads, hash_entry, open_source, plan_reuse
+from raysync.dirrun import (
+    DirReader,
+    check_conflict,
+    check_visible,
+    commit_dir,
+    link_reused,
+    list_dir_runs,
+    materialize_dir,
+    prepare_root,
+    staging_dir,
+)
 from raysync.errors import (
     ConfigError,
     DestinationError,
@@ -48,31 +61,27 @@ from raysync.errors import (
     MaterializeError,
     MissingDependencyError,
     RaySyncError,
-    RunExistsError,
+    TreeError,
 )
+from raysync.fsops import iter_files, makedirs, remove_tree
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
 from raysync.result import ExportResult
 from raysync.target import Target
-from raysync_builtins.local import (
-    DirReader,
-    check_conflict,
-    check_visible,
-    commit_dir,
-    link_committed,
-    list_dir_runs,
-    materialize_dir,
-    prepare_root,
-)
 
-log = logging.getLogger("raysync.rsync")
+log = redaction.logger("raysync.rsync")
 
 PARTIAL_DIR = ".raysync-partial"
+#: Daemon and ssh runs: who is writing the run (the rsync protocol has no rename to commit
+#: by). Written before any data, removed after the manifest.
+CLAIM_NAME = ".raysync-claim"
 INSTALL_HINT = (
     "install rsync on every node that exports: apt-get install rsync (Debian/Ubuntu), "
     "dnf install rsync (Fedora/RHEL), brew install rsync (macOS)"
 )
 #: rsync exit codes worth another attempt: socket/protocol I/O, signals, timeouts.
 TRANSIENT = {10, 12, 20, 30, 35}
+#: One entry of ``rsync --list-only``: permissions, size, date, time, name.
+_LISTED = re.compile(r"^[-dlcbps][-rwxsStT]{9}\S*\s+[\d,]+\s+\S+\s+\S+\s(.*)$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:\[\]-]+$")
 
 
@@ -141,14 +150,21 @@ class Remote:
         u = urlsplit(uri)
         if u.query or u.fragment:
             raise ConfigError(f"an rsync URI has no query or fragment: {uri!r}")
-        path = unquote(u.path)
+        path = unquote(u.path, errors="surrogateescape")
+        # The path as rsync will see it, decoded: a '.' or '..' segment would reach another
+        # directory than the one the URI names (DESIGN invariant 7). Never normalised away.
+        if any(p in (".", "..") for p in path.split("/")):
+            raise ConfigError(
+                f"{uri!r}: the path has a '.' or '..' segment (after percent-decoding)",
+                hint="write the run's path without '.' and '..' segments",
+            )
         if u.scheme == "rsync" and not u.netloc:
             if not path.startswith("/"):
                 raise ConfigError(
                     f"{uri!r}: a mounted path must be absolute",
                     hint="write rsync:///mnt/nfs/runs/{run_id} (three slashes)",
                 )
-            return cls("mount", os.path.normpath(path))
+            return cls("mount", "/" + "/".join(p for p in path.split("/") if p))
         host = u.hostname or ""
         if not host or not _HOST.match(host) or host.startswith("-"):
             raise ConfigError(f"{uri!r} does not name a valid host")
@@ -353,31 +369,80 @@ def source_dir(files: list[FileEntry], near: Path) -> Iterator[Path]:
             link = os.path.join(root, check_relpath(entry.path))
             parent = os.path.dirname(link)
             if parent not in made:
-                os.makedirs(parent, exist_ok=True)
+                makedirs(parent)
                 made.add(parent)
             os.symlink(os.path.abspath(entry.source), link)
         yield Path(root)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)
 
 
 def _prune(staging: Path, keep: set[str]) -> None:
     """Remove files under ``staging`` whose paths are not in ``keep`` (rsync's partial dirs
     stay: a resumed transfer needs them)."""
-    for dirpath, dirnames, filenames in os.walk(staging):
-        if PARTIAL_DIR in dirnames:
-            dirnames.remove(PARTIAL_DIR)
-        rel = os.path.relpath(dirpath, staging)
-        for name in filenames:
-            path = name if rel == "." else f"{rel}/{name}"
-            if path not in keep:
-                os.remove(os.path.join(dirpath, name))
+    for path in list(iter_files(staging, skip_dirs=frozenset({PARTIAL_DIR}))):
+        if path not in keep:
+            os.remove(os.path.join(staging, path))
 
 
 def hash_entries(files: list[FileEntry], algorithm: str) -> None:
     """Set every entry's digest (read once, in parallel with rsync reading the same pages)."""
     for entry in files:
         hash_entry(entry, algorithm)
+
+
+def _hash_staged(staging: Path, files: list[FileEntry], algorithm: str) -> None:
+    """Set each entry's digest from its staged copy: the bytes that are committed. An entry
+    whose digest was known (hashed by an earlier export of this call, or for reuse) must
+    match it."""
+    base = os.fspath(staging)
+
+    def one(entry: FileEntry) -> None:
+        probe = FileEntry(entry.path, entry.size, entry.mode, source=os.path.join(base, entry.path))
+        hash_entry(probe, algorithm)  # also checks the size
+        if entry.digest is not None and entry.digest != probe.digest:
+            raise TreeError(
+                f"{entry.path!r} changed while it was exported (its bytes differ from when "
+                "it was hashed); nothing was committed",
+                hint="make sure nothing still writes to the output trees when the call returns",
+            )
+        entry.digest = probe.digest
+
+    if len(files) < 2:
+        for e in files:
+            one(e)
+        return
+    with ThreadPoolExecutor(copy_threads(), thread_name_prefix="raysync-rsync-hash") as pool:
+        list(pool.map(one, files))
+
+
+def unchanged_since_scan(files: list[FileEntry]) -> None:
+    """Every source still has the size, times and identity the scan saw: a file rewritten
+    while rsync and the hashing read it is an error, not a commit."""
+    for entry in files:
+        if entry.fingerprint is None or entry.source is None:
+            continue
+        try:
+            st = os.stat(entry.source)
+            now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        except OSError:
+            now = None
+        if now != entry.fingerprint:
+            raise TreeError(
+                f"{entry.path!r} changed while it was exported; nothing was committed",
+                hint="make sure nothing still writes to the output trees when the call returns",
+            )
+
+
+def _claim_owner(data: bytes | None) -> dict[str, Any] | None:
+    """The call a claim names; a claim that cannot be read names no call (not ours)."""
+    if data is None:
+        return None
+    try:
+        owner = json.loads(data)
+    except ValueError:
+        return {"task_id": "unreadable claim"}
+    return owner if isinstance(owner, dict) else {"task_id": "unreadable claim"}
 
 
 @dataclass
@@ -388,10 +453,11 @@ class Location:
     options: dict[str, Any] = field(repr=False)
 
 
-def _staging_name(dest: Path, task_id: str) -> Path:
-    # Named after the Ray task, so that a retried attempt resumes the same staging directory.
-    digest = hashlib.sha256(task_id.encode()).hexdigest()[:16]
-    return dest.parent / f".{dest.name}.raysync-staging-{digest}"
+def _staging_tag(run: Mapping[str, Any]) -> str:
+    # Named after the call (session, job and task), so that a retried attempt resumes the
+    # same staging directory, and a call on another cluster with the same task id does not.
+    key = "\0".join(str(run.get(k)) for k in rules.IDENTITY_KEYS)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 class _PulledReader(RunReader):
@@ -459,7 +525,9 @@ class RsyncBackend:
 
     def _error(self, e: RsyncFailed, request: ExportRequest, uri: str) -> RaySyncError:
         said = e.stderr.strip()
-        if "read only" in said or "Read-only" in said or "Permission denied" in said:
+        if "[sender]" in said and ("Permission denied" in said or "failed to open" in said):
+            hint = "a file of the output trees cannot be read by the worker's user; fix it"
+        elif "read only" in said or "Read-only" in said or "Permission denied" in said:
             hint = "the destination is read-only or not writable by this user; check it"
         elif "Unknown module" in said:
             hint = "check the module name in the URI against the daemon's rsyncd.conf"
@@ -483,16 +551,19 @@ class RsyncBackend:
         self, request: ExportRequest, rsync: Rsync, remote: Remote, uri: str
     ) -> list[FileEntry]:
         """Stage with rsync next to the run, then rename; returns the files reused from the
-        run being replaced (hard-linked into the staging directory, not sent)."""
+        run being replaced (hard-linked into the staging directory and re-hashed, not sent).
+
+        The digests are those of the staged copies, the bytes that are committed (DESIGN
+        invariant 8); a file whose size or identity changed since the scan fails the export.
+        """
         dest = Path(remote.path)
+        run = request.manifest.run
         check_visible(request.prepared, dest, uri)
-        replace, previous = check_conflict(
-            dest, task_id=request.task_id, conflict=request.conflict, uri=uri
-        )
-        reuse = plan_reuse(request.files, previous, request.checksum)
-        staging = _staging_name(dest, request.task_id)
+        decision = check_conflict(dest, run=run, conflict=request.conflict, uri=uri)
+        reuse = plan_reuse(request.files, decision.previous, request.checksum)
+        staging = staging_dir(dest, _staging_tag(run))
         try:
-            staging.mkdir(parents=True, exist_ok=True)
+            makedirs(staging)
         except OSError as e:
             raise DestinationError(
                 f"cannot create the staging directory next to the run: {e}",
@@ -500,59 +571,118 @@ class RsyncBackend:
                 hint="check that the destination is mounted read-write on this node",
             ) from e
         try:
-            # A killed attempt may have left files here (the staging dir is named after the
-            # task): drop those the manifest does not list, keep the rest for rsync to resume,
-            # and link the files the replaced run already holds.
+            # A killed attempt of this call may have left files here (the staging dir is
+            # named after the call): drop those the manifest does not list, keep the rest for
+            # rsync to resume, and link the files the replaced run already holds.
             _prune(staging, {e.path for e in request.files})
-            reused = []
+            pairs = []
             for entry in request.files:
                 if entry.path in reuse:
                     out = safe_join(staging, entry.path)
-                    out.parent.mkdir(parents=True, exist_ok=True)
+                    makedirs(out.parent)
                     with contextlib.suppress(FileNotFoundError):
                         out.unlink()
-                    if link_committed(safe_join(dest, entry.path), entry, out):
-                        reused.append(entry)
-            linked = {e.path for e in reused}
+                    pairs.append((entry, safe_join(dest, entry.path), str(out)))
+            linked = link_reused(pairs, request.checksum)
             send = [e for e in request.files if e.path not in linked]
-            self._transfer(request, rsync, str(staging) + "/", files=send)
-            # rsync removes its emptied partial dirs; check anyway, then the manifest.
-            shutil.rmtree(staging / PARTIAL_DIR, ignore_errors=True)
-            base = str(staging)
-            for entry in request.files:
-                got = os.stat(os.path.join(base, entry.path)).st_size
-                if got != entry.size:
-                    raise changed_error(entry, got)
+            self._transfer(request, rsync, str(staging) + "/", files=send, hash_sources=False)
+            # rsync removes its emptied partial dirs; check anyway, then hash what was staged.
+            remove_tree(staging / PARTIAL_DIR)
+            _hash_staged(staging, send, request.checksum)
+            unchanged_since_scan(send)
             (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
-            commit_dir(staging, dest, replace=replace, uri=uri)
-            return reused
+            commit_dir(staging, dest, decision, run=run, conflict=request.conflict, uri=uri)
+            return [e for e in request.files if e.path in linked]
         except BaseException:
             # A failure this process sees is final for this attempt: leave nothing on the
             # mount. (A worker killed mid-transfer cannot clean up; its Ray retry resumes
-            # from the staging dir, which is named after the task.)
-            shutil.rmtree(staging, ignore_errors=True)
+            # from the staging dir, which is named after the call.)
+            remove_tree(staging)
             raise
 
     def _export_remote(
         self, request: ExportRequest, rsync: Rsync, remote: Remote, uri: str
     ) -> None:
-        existing = self._read_remote_manifest(rsync, remote, uri)
-        if existing is not None:
-            same_task = existing.run.get("task_id") == request.task_id
-            if not same_task and request.conflict != "overwrite":
-                raise RunExistsError(
-                    "a committed run already exists here",
-                    uri=uri,
-                    hint="use another output_uri (e.g. add {task_id}) or conflict='overwrite'",
-                )
-        # Data first: --delete-before removes an old manifest (and a dead attempt's files)
-        # before any data changes; --delay-updates puts the new files in place together.
-        self._transfer(request, rsync, remote.url() + "/", daemon=True)
-        with tempfile.TemporaryDirectory(prefix="raysync-manifest-") as tmp:
-            (Path(tmp) / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
-            rsync.run_with_retries(
-                ["-a", f"{tmp}/{MANIFEST_NAME}", remote.url(MANIFEST_NAME)], "manifest"
+        """Daemon and ssh: prove the directory is ours to write (empty, a run this call may
+        replace, or this call's own unfinished attempt), claim it, send the data (the old
+        manifest goes first), then the manifest, then drop the claim."""
+        run = request.manifest.run
+        names = self._list_remote(rsync, remote)
+        existing = claim = None
+        if names and MANIFEST_NAME in names:
+            existing = self._read_remote_json(rsync, remote, MANIFEST_NAME, uri)
+        elif names and CLAIM_NAME in names:
+            claim = self._read_remote_json(rsync, remote, CLAIM_NAME, uri)
+        rules.decide(
+            existing=Manifest.from_bytes(existing, uri=uri) if existing is not None else None,
+            occupied=bool(names),
+            run=run,
+            conflict=request.conflict,
+            uri=uri,
+            leftover_owner=_claim_owner(claim),
+        )
+        with tempfile.TemporaryDirectory(prefix="raysync-rsync-meta-") as tmp:
+            meta = Path(tmp)
+            (meta / "empty").mkdir()
+            (meta / CLAIM_NAME).write_bytes(
+                json.dumps({k: run.get(k) for k in (*rules.IDENTITY_KEYS, "function")}).encode()
             )
+            rsync.run_with_retries(["-a", f"{meta}/{CLAIM_NAME}", remote.url(CLAIM_NAME)], "claim")
+            sent = False
+            try:
+                # Data first: --delete-before removes an old manifest (and a dead attempt's
+                # files) before any data changes; --delay-updates puts the new files in place
+                # together; the claim is protected from the deletion.
+                sent = True
+                self._transfer(request, rsync, remote.url() + "/", daemon=True)
+                unchanged_since_scan(request.files)
+                (meta / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
+                rsync.run_with_retries(
+                    ["-a", f"{meta}/{MANIFEST_NAME}", remote.url(MANIFEST_NAME)], "manifest"
+                )
+            except BaseException:
+                # Nothing was committed. Once data went out the old run is gone (its manifest
+                # first): empty the directory, which the claim proved ours, so that a retry or
+                # another call can take it; before that, only the claim goes.
+                self._clear_remote(rsync, remote, meta / "empty", everything=sent)
+                raise
+            # The run is committed; drop the claim.
+            self._clear_remote(rsync, remote, meta / "empty", everything=False)
+
+    @staticmethod
+    def _clear_remote(rsync: Rsync, remote: Remote, empty: Path, *, everything: bool) -> None:
+        """Delete the claim (and with ``everything``, all the run directory holds) on the
+        remote side: an rsync of an empty directory with ``--delete``, filtered to the claim
+        unless ``everything``."""
+        only_claim = [] if everything else [f"--filter=+ /{CLAIM_NAME}", "--filter=- *"]
+        try:
+            rsync.run_with_retries(
+                ["-r", "--delete", *only_claim, f"{empty}/", remote.url() + "/"], "clean up"
+            )
+        except RsyncFailed as e:
+            log.warning("raysync: could not clean up %s after the export: %s", remote.url(), e)
+
+    def _list_remote(self, rsync: Rsync, remote: Remote) -> list[str]:
+        """The names in the remote run directory (``[]``: missing or empty); a file at the
+        run's path lists as itself, so it counts as occupied."""
+        try:
+            out = rsync.run(["--list-only", "--", remote.url() + "/"], "list")
+        except RsyncFailed as e:
+            if e.code == 23 and ("No such file" in e.stderr or "change_dir" in e.stderr):
+                return []
+            raise
+        names = []
+        for line in out.splitlines():
+            m = _LISTED.match(line)  # other lines are --stats and progress output
+            if m and m.group(1) != ".":
+                names.append(m.group(1))
+        return names
+
+    @staticmethod
+    def _read_remote_json(rsync: Rsync, remote: Remote, name: str, uri: str) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="raysync-read-") as tmp:
+            rsync.run_with_retries(["--", remote.url(name), tmp + "/"], f"read {name}")
+            return (Path(tmp) / name).read_bytes()
 
     def _transfer(
         self,
@@ -562,9 +692,15 @@ class RsyncBackend:
         *,
         daemon: bool = False,
         files: list[FileEntry] | None = None,
+        hash_sources: bool = True,
     ) -> None:
-        """Send ``files`` (default: all of the request's); set their digests meanwhile."""
+        """Send ``files`` (default: all of the request's); with ``hash_sources``, set their
+        digests meanwhile (from a read of the sources in parallel with rsync's)."""
         files = request.files if files is None else files
+        for entry in files:
+            # Every source readable, and the file the scan saw, before rsync reads it: an
+            # unreadable file is the tree's problem (TreeError), not the destination's.
+            os.close(open_source(entry))
         args = [
             "-a",
             "--copy-links",  # the source dir holds symlinks to the workspace files
@@ -575,7 +711,12 @@ class RsyncBackend:
         ]
         if daemon:
             # The run is updated in place: remove what the new manifest does not list.
-            args += ["--delete", "--delete-before", "--delay-updates"]
+            args += [
+                "--delete",
+                "--delete-before",
+                "--delay-updates",
+                f"--filter=P /{CLAIM_NAME}",
+            ]
         else:
             # Local copies default to --whole-file; without it a retried attempt resumes a
             # killed file from its partial copy instead of copying it again.
@@ -589,7 +730,7 @@ class RsyncBackend:
                 errors.append(e)
 
         with source_dir(files, Path(request.workspace)) as src:
-            hasher = threading.Thread(target=hash_all, name="raysync-rsync-hash")
+            hasher = threading.Thread(target=hash_all if hash_sources else lambda: None)
             hasher.start()
             try:
                 rsync.run_with_retries([*args, "--", f"{src}/", dest], "data", record=True)
@@ -597,17 +738,6 @@ class RsyncBackend:
                 hasher.join()
         if errors:
             raise errors[0]
-
-    @staticmethod
-    def _read_remote_manifest(rsync: Rsync, remote: Remote, uri: str) -> Manifest | None:
-        with tempfile.TemporaryDirectory(prefix="raysync-manifest-") as tmp:
-            try:
-                rsync.run_with_retries(["--", remote.url(MANIFEST_NAME), tmp + "/"], "manifest")
-            except RsyncFailed as e:
-                if e.code == 23 and ("No such file" in e.stderr or "change_dir" in e.stderr):
-                    return None  # no committed run there
-                raise
-            return Manifest.from_bytes((Path(tmp) / MANIFEST_NAME).read_bytes(), uri=uri)
 
     # -- read back ---------------------------------------------------------------------------
     def list_runs(self, target: Target) -> list[RunInfo]:

@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import raysync
+from raysync import rules
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest
 from raysync.checksum import Hasher
-from raysync.copy import CHUNK, changed_error
+from raysync.copy import CHUNK, changed_error, open_source_file
 from raysync.errors import (
     ConfigError,
     IntegrityError,
     MaterializeError,
     MissingDependencyError,
-    RunExistsError,
+    RaySyncError,
 )
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
 from raysync.result import ExportResult, place_files
@@ -99,28 +100,29 @@ class ZipBackend:
         fs, path = fsspec.core.url_to_fs(inner, **options)
         return fs, path
 
-    def _existing(self, fs: Any, path: str, shown: str) -> Manifest | None:
+    def _existing(self, fs: Any, path: str, shown: str) -> tuple[Manifest | None, bool]:
+        """(the run archived at ``path``, whether something else is there)."""
         if not fs.exists(path):
-            return None
-        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-            return Manifest.from_bytes(zf.read(MANIFEST_NAME), uri=shown)
+            return None, False
+        try:
+            with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+                return Manifest.from_bytes(zf.read(MANIFEST_NAME), uri=shown), False
+        except (zipfile.BadZipFile, KeyError, IsADirectoryError, RaySyncError):
+            return None, True  # not a raysync archive: never overwritten
 
     def export(self, request: ExportRequest) -> ExportOutcome:
         uri = request.target.uri
         inner, compression, options = _split(uri, request.target.options)
         shown = redact(uri)
         fs, path = self._fs(inner, options)
-        existing = self._existing(fs, path, shown)
-        if (
-            existing is not None
-            and existing.run.get("task_id") != request.task_id
-            and request.conflict != "overwrite"
-        ):
-            raise RunExistsError(
-                "a committed run already exists here",
-                uri=shown,
-                hint="use another output_uri (e.g. add {task_id}) or conflict='overwrite'",
-            )
+        existing, occupied = self._existing(fs, path, shown)
+        rules.decide(
+            existing=existing,
+            occupied=occupied,
+            run=request.manifest.run,
+            conflict=request.conflict,
+            uri=shown,
+        )
         with tempfile.TemporaryFile(dir=Path(request.workspace).parent) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=compression) as zf:
                 for entry in request.files:
@@ -138,9 +140,9 @@ class ZipBackend:
         assert entry.source is not None
         info = zipfile.ZipInfo(check_relpath(entry.path), time.localtime()[:6])
         info.compress_type = zf.compression
-        info.external_attr = (entry.mode & 0o7777) << 16
+        info.external_attr = (entry.mode & 0o777) << 16
         seen = 0
-        with open(entry.source, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
+        with open_source_file(entry) as src, zf.open(info, "w", force_zip64=True) as dst:
             for chunk in iter(lambda: src.read(CHUNK), b""):
                 h.update(chunk)
                 dst.write(chunk)
@@ -160,7 +162,7 @@ class ZipBackend:
             raise MaterializeError(f"{shown} does not exist")
         with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
             committed = Manifest.from_bytes(zf.read(MANIFEST_NAME), uri=shown)
-            if committed.run.get("task_id") != result.manifest.run.get("task_id"):
+            if not rules.same_call(committed.run, result.manifest.run):
                 raise IntegrityError(
                     "the archive was replaced by another call", uri=shown, bad=[MANIFEST_NAME]
                 )

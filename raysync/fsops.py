@@ -1,0 +1,98 @@
+"""File system operations that hold for any tree a user can make: 1,000 levels deep, names
+with any byte, symlinks where directories were.
+
+``os.makedirs`` and (before Python 3.12) ``shutil.rmtree`` recurse once per level, so a deep
+tree raises ``RecursionError``; these loops do not.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def makedirs(path: str | Path) -> None:
+    """``os.makedirs(path, exist_ok=True)`` without recursion."""
+    p = os.fspath(path)
+    missing: list[str] = []
+    while p and not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+
+
+def remove_tree(path: str | Path) -> None:
+    """Delete ``path`` and everything under it, never following a symlink (a link is removed,
+    not what it points to); missing is fine; errors are ignored as ``rmtree`` would with
+    ``ignore_errors``, so call it only on directories raysync made."""
+    top = os.fspath(path)
+    try:
+        if not stat.S_ISDIR(os.lstat(top).st_mode):
+            os.unlink(top)
+            return
+    except OSError:
+        return
+    # Depth-first without recursion: a directory is removed once it has been emptied.
+    stack: list[tuple[str, bool]] = [(top, False)]
+    while stack:
+        d, emptied = stack.pop()
+        if emptied:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+            continue
+        stack.append((d, True))
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                stack.append((e.path, False))
+            else:
+                try:
+                    os.unlink(e.path)
+                except OSError:
+                    pass
+
+
+def iter_files(root: str | Path, *, skip_dirs: frozenset[str] = frozenset()) -> Iterator[str]:
+    """The relative ``/``-joined paths of everything under ``root`` that is not a directory,
+    without recursion and without following symlinks; directories named in ``skip_dirs`` are
+    not entered."""
+    top = os.fspath(root)
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(os.path.join(top, rel) if rel else top) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for e in entries:
+            path = f"{rel}/{e.name}" if rel else e.name
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if e.name not in skip_dirs:
+                    stack.append(path)
+            else:
+                yield path

@@ -1,0 +1,144 @@
+"""The rules every backend applies to a run, each in one place (DESIGN.md invariants 7 and 8).
+
+- **Identity.** A run's manifest records the call that wrote it: the Ray cluster session, the
+  job and the task. "An earlier attempt of this call" means all three are equal: Ray task ids
+  repeat across clusters (the first task of every fresh ``ray.init()`` gets the same id), so a
+  task id alone would take yesterday's run for a retry of today's call.
+- **The conflict decision.** :func:`decide` is the one answer to "may this export write here?",
+  with one wording for each refusal: a committed run is replaced only by a retry of the same
+  call, or with ``conflict="overwrite"`` by a call of the *same function*; a destination that
+  holds anything that is not a raysync run is never written into, deleted or replaced, whatever
+  the policy; leftovers of an unfinished export are taken over only by that same call.
+- **Same commit.** :func:`same_call` tells whether the run found at a URI is still the one an
+  :class:`~raysync.ExportResult` describes.
+- **Modes.** :func:`placed_mode` is the mode a file gets when it is placed on a machine: never
+  setuid, setgid or sticky, and never more than the umask allows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from raysync.errors import RunExistsError
+from raysync.manifest import Manifest
+
+#: The manifest ``run`` keys that identify one call (all three must match).
+IDENTITY_KEYS = ("session", "job_id", "task_id")
+
+HINT_OTHER_URI = "give each call its own output_uri (e.g. add {call_id}) or conflict='overwrite'"
+
+
+def identity(run: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The call identity a manifest's ``run`` (or a lock) records; ``None`` when incomplete."""
+    values = tuple(run.get(k) for k in IDENTITY_KEYS)
+    if not all(isinstance(v, str) and v for v in values):
+        return None
+    return values  # type: ignore[return-value]  # checked: every item is a non-empty str
+
+
+def run_record(
+    function: str, task_id: str, *, session: str = "local", job_id: str = "local", **more: Any
+) -> dict[str, Any]:
+    """A manifest ``run`` record with a complete identity, for exports made outside a
+    decorated call (the conformance suite, the bench): ``task_id`` names the call."""
+    return {
+        "function": function,
+        "session": session,
+        "job_id": job_id,
+        "task_id": task_id,
+        "status": "succeeded",
+        **more,
+    }
+
+
+def same_call(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """True when ``a`` and ``b`` were written by the same call (its attempts included)."""
+    ia = identity(a)
+    return ia is not None and ia == identity(b)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :func:`decide` allows: ``replace`` when something of ours is at the destination
+    (a committed run, or an unfinished export of this call) and will be replaced;
+    ``previous`` is the committed run being replaced (an incremental export may reuse its
+    files, once verified)."""
+
+    replace: bool
+    previous: Manifest | None = None
+
+
+def may_replace(existing: Manifest, run: Mapping[str, Any], conflict: str) -> bool:
+    """May the call described by ``run`` replace the committed run ``existing``?"""
+    if same_call(existing.run, run):
+        return True
+    return conflict == "overwrite" and existing.run.get("function") == run.get("function")
+
+
+def decide(
+    *,
+    existing: Manifest | None,
+    occupied: bool,
+    run: Mapping[str, Any],
+    conflict: str,
+    uri: str,
+    leftover_owner: Mapping[str, Any] | None = None,
+) -> Decision:
+    """The conflict decision for one export, the same for every backend.
+
+    :param existing: the committed run at the destination (any status), if there is one.
+    :param occupied: the destination holds something besides a committed run: files in a
+        directory, objects under a prefix, an unfinished export's leftovers.
+    :param run: the exporting call's manifest ``run`` (function, session, job_id, task_id).
+    :param conflict: ``"error"`` or ``"overwrite"``.
+    :param uri: the destination, for the error (already redacted).
+    :param leftover_owner: when the destination holds an unfinished export that says which
+        call made it (a lock, a claim), that call's identity record.
+    :raises RunExistsError: with one wording per case, when the export may not write here.
+    """
+    if existing is not None:
+        if same_call(existing.run, run):
+            return Decision(True, existing)  # an earlier attempt of this very call: a retry
+        if existing.run.get("function") != run.get("function"):
+            raise RunExistsError(
+                "a run of another function "
+                f"({existing.run.get('function') or 'unknown'}) is committed here; raysync "
+                "replaces only runs of the same function, whatever the conflict policy",
+                uri=uri,
+                hint="choose another output_uri, or delete that run yourself if you mean to",
+            )
+        if conflict == "overwrite":
+            return Decision(True, existing)
+        raise RunExistsError("a committed run already exists here", uri=uri, hint=HINT_OTHER_URI)
+    if leftover_owner is not None:
+        if same_call(leftover_owner, run):
+            return Decision(True, None)  # this call's own earlier attempt died mid-export
+        raise RunExistsError(
+            f"another call (task {leftover_owner.get('task_id') or 'unknown'}) is writing "
+            "this run, or died while writing it",
+            uri=uri,
+            hint="give each call its own output_uri (e.g. add {call_id}); if that call died, "
+            "delete its unfinished run first",
+        )
+    if occupied:
+        raise RunExistsError(
+            "the destination exists and holds data that is not a raysync run; raysync never "
+            "writes into, replaces or deletes it, whatever the conflict policy",
+            uri=uri,
+            hint="choose a new or empty destination (e.g. a subdirectory), or move that "
+            "data away yourself",
+        )
+    return Decision(False, None)
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def placed_mode(mode: int) -> int:
+    """The permission bits a file gets when raysync places it: the manifest's ``rwx`` bits
+    only (no setuid, setgid or sticky bit, whatever a manifest says), less the umask."""
+    return mode & 0o777 & ~_UMASK
