@@ -17,6 +17,7 @@ rsync to a mount, host-sync's sink).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -109,11 +110,20 @@ def prepare_root(root: Path) -> dict[str, str]:
     try:
         root.mkdir(parents=True, exist_ok=True)
         token_file = root / TOKEN_NAME
-        try:
-            with open(token_file, "x") as f:
-                f.write(secrets.token_hex(16))
-        except FileExistsError:
-            pass
+        if not token_file.exists():
+            # Publish the token whole (write aside, then link): two drivers preparing one
+            # root at once must both read the one token that won, never an empty file.
+            draft = root / f"{TOKEN_NAME}.{secrets.token_hex(8)}.tmp"
+            draft.write_text(secrets.token_hex(16))
+            try:
+                os.link(draft, token_file)
+            except FileExistsError:
+                pass
+            except OSError:  # a filesystem without hard links: exclusive create instead
+                with contextlib.suppress(FileExistsError), open(token_file, "x") as f:
+                    f.write(draft.read_text())
+            finally:
+                draft.unlink()
         token = token_file.read_text().strip()
     except OSError as e:
         raise DestinationError(

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
+import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -96,3 +99,24 @@ def iter_files(root: str | Path, *, skip_dirs: frozenset[str] = frozenset()) -> 
                     stack.append(path)
             else:
                 yield path
+
+
+@contextmanager
+def temporary_dir(prefix: str, dir: str | Path | None = None) -> Iterator[Path]:
+    """``tempfile.TemporaryDirectory`` whose clean-up holds for a 1,000-deep tree."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    try:
+        yield path
+    finally:
+        remove_tree(path)
+
+
+class TemporaryDir:
+    """A temporary directory removed by :meth:`cleanup`, or when garbage-collected."""
+
+    def __init__(self, prefix: str) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self._finalizer = weakref.finalize(self, remove_tree, self.path)
+
+    def cleanup(self) -> None:
+        self._finalizer()

@@ -180,3 +180,20 @@ def test_errors_are_raysync_errors_with_a_fix() -> None:
     with pytest.raises(RaySyncError) as info:
         isolated_export("nosuch://x")
     assert "fix:" in str(info.value)
+
+
+def test_drivers_preparing_one_root_at_once_all_get_its_one_token(tmp_path: Path) -> None:
+    # Found by the commit-protocol model: a driver read the token file another had created
+    # but not yet written, and its workers then refused the shared root as "not visible".
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raysync.dirrun import check_visible, prepare_root
+
+    for i in range(40):
+        root = tmp_path / f"root{i}"
+        with ThreadPoolExecutor(4) as pool:
+            prepared = list(pool.map(prepare_root, [root] * 4))
+        assert len({p["token"] for p in prepared}) == 1, prepared
+        for p in prepared:
+            check_visible(p, root / "run", str(root / "run"))
+        assert sorted(os.listdir(root)) == [".raysync-visible"]  # no draft left behind

@@ -15,6 +15,7 @@ object is written: a failed overwrite leaves no run (never a mix).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -61,6 +62,7 @@ class CommitProtocol(RuleBasedStateMachine):
         import tempfile
 
         base = Path(tempfile.mkdtemp(prefix="raysync-model-"))
+        self.base = base
         if self.backend == "local":
             self.dest = Dest("local", str(base), disk=base)
         else:
@@ -71,6 +73,15 @@ class CommitProtocol(RuleBasedStateMachine):
                 "memory", f"memory://{name}", fs=fsspec.filesystem("memory"), fs_root=f"/{name}"
             )
         self.run_uri = self.dest.uri("runs/r")
+
+    def teardown(self) -> None:
+        from raysync.fsops import remove_tree
+
+        if hasattr(self, "base"):
+            remove_tree(self.base)
+        if hasattr(self, "dest") and self.dest.fs is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.dest.fs.rm(self.dest.fs_root, recursive=True)
 
     # -- actions ---------------------------------------------------------------------------
     def _export(self, call: str, files: dict[str, bytes], conflict: str, fail: bool) -> str:

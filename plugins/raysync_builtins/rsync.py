@@ -63,7 +63,7 @@ from raysync.errors import (
     RaySyncError,
     TreeError,
 )
-from raysync.fsops import iter_files, makedirs, remove_tree
+from raysync.fsops import TemporaryDir, iter_files, makedirs, remove_tree, temporary_dir
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
 from raysync.result import ExportResult
 from raysync.target import Target
@@ -465,16 +465,16 @@ class _PulledReader(RunReader):
 
     def __init__(self, uri: str, rsync: Rsync, remote: Remote) -> None:
         super().__init__(uri)
-        self._tmp = tempfile.TemporaryDirectory(prefix="raysync-read-")
+        self._tmp = TemporaryDir(prefix="raysync-read-")
         try:
-            rsync.run_with_retries(["-a", "--", remote.url() + "/", self._tmp.name + "/"], "pull")
+            rsync.run_with_retries(["-a", "--", remote.url() + "/", f"{self._tmp.path}/"], "pull")
         except RsyncFailed as e:
             self._tmp.cleanup()
             if e.code == 23 and "No such file" in e.stderr:
                 self._dir = None
                 return
             raise MaterializeError(f"cannot read {uri}: {e}") from None
-        self._dir = DirReader(uri, Path(self._tmp.name))
+        self._dir = DirReader(uri, self._tmp.path)
 
     def manifest(self) -> Manifest | None:
         return None if self._dir is None else self._dir.manifest()
@@ -621,8 +621,7 @@ class RsyncBackend:
             uri=uri,
             leftover_owner=_claim_owner(claim),
         )
-        with tempfile.TemporaryDirectory(prefix="raysync-rsync-meta-") as tmp:
-            meta = Path(tmp)
+        with temporary_dir("raysync-rsync-meta-") as meta:
             (meta / "empty").mkdir()
             (meta / CLAIM_NAME).write_bytes(
                 json.dumps({k: run.get(k) for k in (*rules.IDENTITY_KEYS, "function")}).encode()
@@ -680,9 +679,9 @@ class RsyncBackend:
 
     @staticmethod
     def _read_remote_json(rsync: Rsync, remote: Remote, name: str, uri: str) -> bytes:
-        with tempfile.TemporaryDirectory(prefix="raysync-read-") as tmp:
-            rsync.run_with_retries(["--", remote.url(name), tmp + "/"], f"read {name}")
-            return (Path(tmp) / name).read_bytes()
+        with temporary_dir("raysync-read-") as tmp:
+            rsync.run_with_retries(["--", remote.url(name), f"{tmp}/"], f"read {name}")
+            return (tmp / name).read_bytes()
 
     def _transfer(
         self,
@@ -765,12 +764,12 @@ class RsyncBackend:
             self._materialize_from(Path(remote.path), result, dest, overwrite=overwrite)
             return
         rsync = Rsync(Options.parse(loc.options), remote)
-        with tempfile.TemporaryDirectory(prefix="raysync-pull-", dir=dest.parent) as tmp:
+        with temporary_dir("raysync-pull-", dir=dest.parent) as tmp:
             try:
-                rsync.run_with_retries(["-a", "--", remote.url() + "/", tmp + "/"], "pull")
+                rsync.run_with_retries(["-a", "--", remote.url() + "/", f"{tmp}/"], "pull")
             except RsyncFailed as e:
                 raise MaterializeError(f"cannot read {loc.uri} back: {e}") from None
-            self._materialize_from(Path(tmp), result, dest, overwrite=overwrite)
+            self._materialize_from(tmp, result, dest, overwrite=overwrite)
 
     @staticmethod
     def _materialize_from(src: Path, result: ExportResult, dest: Path, *, overwrite: bool) -> None:
