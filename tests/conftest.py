@@ -357,7 +357,28 @@ class Sshd(LoopbackServer):
             "UserKnownHostsFile=/dev/null",
             "-o",
             "LogLevel=ERROR",
+            # One connection shared by every rsync of the session (as a user's ssh config
+            # would): the tests pay the key exchange once, not once per transfer.
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            f"ControlPath={base}/cm-%C",
+            "-o",
+            "ControlPersist=300",
         ]
+        self._control = base
+
+    def stop(self) -> None:
+        import subprocess
+
+        for sock in self._control.glob("cm-*"):  # the shared connection's master process
+            subprocess.run(
+                ["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+        super().stop()
 
 
 @pytest.fixture(scope="session")

@@ -502,6 +502,7 @@ def test_item8_a_secret_in_storage_options_never_reaches_errors_or_logs(
             "endpoint_url": f"http://127.0.0.1:1/{secret}",
             "region_name": "us-east-1",
         },
+        "config_kwargs": {"retries": {"max_attempts": 1}},  # port 1 refuses: fail fast
         "upload_retries": 1,
         "upload_retry_base_delay": 0.01,
     }
