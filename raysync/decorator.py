@@ -41,7 +41,14 @@ from raysync.manifest import FileEntry, Manifest, scan, tree_names
 from raysync.redaction import redact_error
 from raysync.registry import get_registry
 from raysync.result import ExportResult, ExportStats
-from raysync.target import BUILTIN_FIELDS, Target, redact, render, template_fields
+from raysync.target import (
+    BUILTIN_FIELDS,
+    Target,
+    check_template,
+    redact,
+    render,
+    template_fields,
+)
 
 F = TypeVar("F")
 log = redaction.logger("raysync")
@@ -200,6 +207,7 @@ def _make_config(
             )
     target = Target.parse(output_uri or "", storage_options)
     template_fields(target.uri)  # malformed templates fail here
+    check_template(target.uri)  # so do templates that can never name a run
     be.check(target)
     return _Config(
         target=target,

@@ -99,6 +99,26 @@ def render(template: str, values: Mapping[str, Any], *, available: Iterable[str]
     return rendered
 
 
+def check_template(template: str) -> None:
+    """At decoration: refuse a template whose written parts already cannot name a run (the
+    root itself, or a ``.``, ``..`` or empty segment below it), whatever its fields hold."""
+    if not template:
+        return
+    parts = list(string.Formatter().parse(template))
+    shape = "".join(literal + ("x" if name is not None else "") for literal, name, _, _ in parts)
+    try:
+        check_run_path(template, shape)
+    except TemplateError as e:
+        if all(name is None for _, name, _, _ in parts):
+            raise  # no fields: the message names the destination exactly
+        raise TemplateError(
+            "whatever its fields hold, this template cannot name a run: its written parts "
+            "hold a '.', '..' or empty segment below its root",
+            template=template,
+            hint=e.hint,
+        ) from None
+
+
 #: How many rounds of percent-decoding a value is checked through (``%252e`` → ``%2e`` → ``.``).
 _DECODINGS = 3
 

@@ -81,8 +81,12 @@ def test_item1_a_template_of_one_field_never_replaces_the_project(
             run(name=value)
     assert (project / "train.py").read_text() == "print('train')\n"
     assert (project / "data" / "set.csv").read_text() == "1,2\n"
-    with pytest.raises(TemplateError, match="root"):
-        isolated_export(".", conflict="overwrite")(lambda: None)()
+    # A template whose written parts can never name a run fails at decoration.
+    with pytest.raises(TemplateError, match="segment below its root"):
+        isolated_export(".", conflict="overwrite")(lambda: None)
+    with pytest.raises(TemplateError, match="whatever its fields hold"):
+        isolated_export("runs/{name}/..", conflict="overwrite")(lambda name: None)
+    assert not (project / "runs").exists()
 
 
 @pytest.mark.parametrize("conflict", ["error", "overwrite"])
