@@ -68,6 +68,18 @@ class ExportRequest:
         return checksum_mod.new(self.manifest.checksum)
 
 
+@dataclass(frozen=True)
+class Location:
+    """Where a committed run lives, for reading it back (an :class:`ExportOutcome` payload).
+
+    ``options`` are the storage_options the run was written with; they may hold credentials,
+    so they are kept out of the repr (DESIGN invariant 5).
+    """
+
+    uri: str
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
 @dataclass
 class ExportOutcome:
     """What ``export`` returns: the committed URI, and for by-value backends the payload."""

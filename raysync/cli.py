@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from raysync import checksum
-from raysync.backend import RunInfo, RunReader
+from raysync.backend import RunReader
 from raysync.errors import ConfigError, IntegrityError, RaySyncError
+from raysync.hookspecs import ListsRuns, OpensRuns
 from raysync.manifest import FileEntry
 from raysync.registry import get_registry, scheme_label
 from raysync.result import place_files
@@ -71,22 +72,19 @@ def _target(uri: str, storage_options: str | None) -> tuple[Any, Target]:
 
 def _reader(uri: str, storage_options: str | None, what: str) -> RunReader:
     backend, target = _target(uri, storage_options)
-    open_run = getattr(backend, "open_run", None)
-    if open_run is None:
+    if not isinstance(backend, OpensRuns):
         raise ConfigError(
             f"backend {backend.name!r} cannot {what} runs by URI",
             hint="materialize the ExportResult in Python, then verify the local directory",
         )
-    reader: RunReader = open_run(target)
-    return reader
+    return backend.open_run(target)
 
 
 def _ls(args: argparse.Namespace) -> int:
     backend, target = _target(args.uri, args.storage_options)
-    list_runs = getattr(backend, "list_runs", None)
-    if list_runs is None:
+    if not isinstance(backend, ListsRuns):
         raise ConfigError(f"backend {backend.name!r} cannot list runs")
-    runs: list[RunInfo] = list_runs(target)
+    runs = backend.list_runs(target)
     if args.json:
         print(json.dumps([r.__dict__ for r in runs], indent=1))
         return 0

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import pluggy
 
 if TYPE_CHECKING:
-    from raysync.backend import Capabilities, ExportOutcome, ExportRequest
+    from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
     from raysync.result import ExportResult
     from raysync.target import Target
 
@@ -88,12 +88,9 @@ class ExportBackend(Protocol):
     #: What the backend can do; the core and ``raysync backends`` read it.
     capabilities: Capabilities
 
-    # Optional: ``accepts_scheme(scheme) -> bool`` makes the backend a *fallback* that serves
-    # schemes no backend claims in ``schemes`` (the fsspec backend serves every fsspec
-    # protocol this way); ``accepts_description`` says which, for listings.
-    # Optional, for the CLI: ``list_runs(target) -> list[RunInfo]`` (``raysync ls``) and
-    # ``open_run(target) -> RunReader`` (``raysync verify`` and ``pull``); see
-    # :mod:`raysync.backend`.
+    # Optional hooks are the protocols below (FallbackBackend, ListsRuns, OpensRuns): a
+    # backend has them by defining their members; the registry and the CLI test for them
+    # with isinstance.
 
     def check(self, target: Target) -> None:
         """Validate a target on the driver at decoration time, without I/O.
@@ -133,3 +130,38 @@ class ExportBackend(Protocol):
         (:class:`raysync.errors.UnsafePathError`); verify checksums; raise
         :class:`raysync.errors.MaterializeError` when the run cannot be read from here.
         """
+
+
+# -- optional hooks --------------------------------------------------------------------------
+
+
+@runtime_checkable
+class FallbackBackend(Protocol):
+    """Optional: a backend that also serves schemes no backend claims in ``schemes``.
+
+    The fsspec backend serves every fsspec protocol this way. The registry asks the fallbacks
+    in the order they registered, after no backend claimed the scheme.
+    """
+
+    #: Which schemes it accepts, for ``raysync backends`` and error messages.
+    accepts_description: str
+
+    def accepts_scheme(self, scheme: str) -> bool:
+        """True when this backend serves ``scheme`` (lower case, without ``://``)."""
+
+
+@runtime_checkable
+class ListsRuns(Protocol):
+    """Optional, for ``raysync ls``: the runs below a destination (committed or not)."""
+
+    def list_runs(self, target: Target) -> list[RunInfo]:
+        """One :class:`raysync.backend.RunInfo` per run under ``target.uri``, newest first
+        or in any stable order; a run whose manifest is damaged is listed as such."""
+
+
+@runtime_checkable
+class OpensRuns(Protocol):
+    """Optional, for ``raysync verify`` and ``raysync pull``: read one committed run."""
+
+    def open_run(self, target: Target) -> RunReader:
+        """A :class:`raysync.backend.RunReader` over the run at ``target.uri``."""

@@ -19,7 +19,7 @@ import pluggy
 
 from raysync import hookspecs
 from raysync.errors import BackendConflictError, BackendNotFoundError, PluginError
-from raysync.hookspecs import ExportBackend
+from raysync.hookspecs import ExportBackend, FallbackBackend
 
 ENTRY_POINT_GROUP = "raysync"
 PLUGINS_ENV = "RAYSYNC_PLUGINS"
@@ -148,7 +148,7 @@ class Registry:
                 table[key] = info
             if backend.default:
                 self._default = info
-            if callable(getattr(backend, "accepts_scheme", None)):
+            if isinstance(backend, FallbackBackend):
                 self._fallbacks = [f for f in self._fallbacks if f.backend.name != backend.name]
                 self._fallbacks.append(info)
 
@@ -157,7 +157,9 @@ class Registry:
         info = self._by_scheme.get(scheme.lower())
         if info is None:
             for fb in self._fallbacks:
-                if fb.backend.accepts_scheme(scheme.lower()):  # type: ignore[attr-defined]
+                if isinstance(fb.backend, FallbackBackend) and fb.backend.accepts_scheme(
+                    scheme.lower()
+                ):
                     return fb.backend
             raise BackendNotFoundError(f"scheme {scheme + '://'!r}", installed=self._labels())
         return info.backend
@@ -185,8 +187,8 @@ class Registry:
 def scheme_label(backend: ExportBackend) -> str:
     """``file://`` or, for a fallback backend, ``memory://, ... + any it accepts``."""
     label = ", ".join(s + "://" for s in backend.schemes)
-    if callable(getattr(backend, "accepts_scheme", None)):
-        extra = getattr(backend, "accepts_description", "other schemes")
+    if isinstance(backend, FallbackBackend):
+        extra = backend.accepts_description
         label = f"{label}, {extra}" if label else extra
     return label
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import re
 import types
 from pathlib import Path
@@ -16,24 +15,25 @@ from raysync.testing import BackendConformance, ConformanceTarget
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
 
+#: The backend protocols: the required one and every optional hook.
+PROTOCOLS = (
+    raysync.hookspecs.ExportBackend,
+    raysync.hookspecs.FallbackBackend,
+    raysync.hookspecs.ListsRuns,
+    raysync.hookspecs.OpensRuns,
+)
+
+
 def hook_names() -> set[str]:
-    """The pluggy hookspecs, every member of the ExportBackend protocol, and the optional
-    hooks named in its comments."""
-    source = Path(raysync.hookspecs.__file__).read_text()
-    tree = ast.parse(source)
-    names = set()
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and any(
-            isinstance(d, ast.Name) and d.id == "hookspec" for d in node.decorator_list
-        ):
-            names.add(node.name)
-        if isinstance(node, ast.ClassDef) and node.name == "ExportBackend":
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef):
-                    names.add(item.name)
-                elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
-                    names.add(item.target.id)
-    names |= set(re.findall(r"``(accepts_\w+|list_runs|open_run)", source))
+    """The pluggy hookspecs and every member of every backend protocol."""
+    names = {
+        name
+        for name, value in vars(raysync.hookspecs).items()
+        if callable(value) and hasattr(value, "raysync_spec")
+    }
+    for proto in PROTOCOLS:
+        names |= set(proto.__annotations__)  # attributes
+        names |= {n for n, v in vars(proto).items() if callable(v) and not n.startswith("_")}
     return names
 
 

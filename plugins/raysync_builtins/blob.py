@@ -22,13 +22,13 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import raysync
 from raysync import checksum, rules
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
 from raysync.copy import CHUNK, changed_error, open_source_file, plan_reuse, read_and_hash
 from raysync.errors import (
     ConfigError,
@@ -166,17 +166,6 @@ class _Claim:
 
     decision: rules.Decision
     listing: dict[str, dict[str, Any]]
-
-
-@dataclass
-class Location:
-    """Where a committed run lives, for reading it back (``ExportResult.payload``).
-
-    It carries the storage_options, which may hold credentials: they are kept out of its repr.
-    """
-
-    uri: str
-    options: dict[str, Any] = field(repr=False)
 
 
 class BlobBackend:

@@ -12,15 +12,14 @@ written is refused before anything is sent.
 from __future__ import annotations
 
 import errno
-import random
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from raysync import redaction
 from raysync.errors import ConfigError, RaySyncError, TreeError
+from raysync.retry import RetryPolicy
 
 log = redaction.logger("raysync.blob")
 
@@ -241,24 +240,9 @@ def is_transient(e: BaseException) -> bool:
 
 
 def with_retries(what: str, fn: Callable[[], Any], opts: Options) -> Any:
-    """Call ``fn`` with exponential backoff and full jitter on transient errors (each retry
-    logged, redacted)."""
-    for attempt in range(opts.upload_retries + 1):
-        try:
-            return fn()
-        except Exception as e:
-            if not is_transient(e) or attempt == opts.upload_retries:
-                raise
-            cap = min(opts.upload_retry_max_delay, opts.upload_retry_base_delay * 2**attempt)
-            delay = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
-            log.info(
-                "raysync: %s failed (%s: %s); retry %d of %d in %.2fs",
-                what,
-                type(e).__name__,
-                e,
-                attempt + 1,
-                opts.upload_retries,
-                delay,
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    """Call ``fn`` under the kit's retry policy, retrying the errors :func:`is_transient`
+    accepts."""
+    policy = RetryPolicy(
+        opts.upload_retries, opts.upload_retry_base_delay, opts.upload_retry_max_delay
+    )
+    return policy.call(what, fn, transient=is_transient)

@@ -31,7 +31,7 @@ import ray
 
 import raysync
 from raysync import checksum, rules
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
 from raysync.copy import changed_error, open_source_file, plan_reuse
 from raysync.dirrun import (
     DirReader,
@@ -385,13 +385,6 @@ def _sink_key(key: tuple[str, str]) -> str:
     return _SINK_KEYS.setdefault(key, secrets.token_hex(16))
 
 
-@dataclass
-class Location:
-    """Where a committed run lives on the driver's machine."""
-
-    path: str
-
-
 class HostSyncBackend:
     """Streams each call's files through the object store to the driver's machine."""
 
@@ -504,7 +497,7 @@ class HostSyncBackend:
 
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
         loc = result.payload
-        src = Path(loc.path) if isinstance(loc, Location) else Path(result.uri[len("host://") :])
+        src = Path(loc.uri) if isinstance(loc, Location) else Path(result.uri[len("host://") :])
         materialize_dir(
             src,
             result,

@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -41,7 +40,7 @@ from urllib.parse import unquote, urlsplit
 
 import raysync
 from raysync import redaction, rules
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
 from raysync.copy import copy_threads, hash_entry, open_source, plan_reuse
 from raysync.dirrun import (
     DirReader,
@@ -66,6 +65,7 @@ from raysync.errors import (
 from raysync.fsops import TemporaryDir, iter_files, makedirs, remove_tree, temporary_dir
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
 from raysync.result import ExportResult
+from raysync.retry import RetryPolicy
 from raysync.target import Target
 
 log = redaction.logger("raysync.rsync")
@@ -332,26 +332,20 @@ class Rsync:
         return text
 
     def run_with_retries(self, args: list[str], what: str, *, record: bool = False) -> None:
-        for attempt in range(self.opts.retries + 1):
+        def attempt() -> None:
             if record:
                 self.stats.attempts += 1
-            try:
-                self.run(args, what, record=record)
-                return
-            except RsyncFailed as e:
-                if not e.transient or attempt == self.opts.retries:
-                    raise
-                cap = min(self.opts.retry_max_delay, self.opts.retry_base_delay * 2**attempt)
-                delay = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
-                log.warning(
-                    "raysync: rsync %s failed (exit %d); attempt %d of %d in %.1fs",
-                    what,
-                    e.code,
-                    attempt + 2,
-                    self.opts.retries + 1,
-                    delay,
-                )
-                time.sleep(delay)
+
+        policy = RetryPolicy(
+            self.opts.retries, self.opts.retry_base_delay, self.opts.retry_max_delay
+        )
+        policy.call(
+            f"rsync {what}",
+            lambda: self.run(args, what, record=record),
+            transient=lambda e: isinstance(e, RsyncFailed) and e.transient,
+            describe=lambda e: f"exit {e.code}" if isinstance(e, RsyncFailed) else str(e),
+            before=attempt,
+        )
 
 
 @contextlib.contextmanager
@@ -443,14 +437,6 @@ def _claim_owner(data: bytes | None) -> dict[str, Any] | None:
     except ValueError:
         return {"task_id": "unreadable claim"}
     return owner if isinstance(owner, dict) else {"task_id": "unreadable claim"}
-
-
-@dataclass
-class Location:
-    """Where a committed run lives, for reading it back (``ExportResult.payload``)."""
-
-    uri: str
-    options: dict[str, Any] = field(repr=False)
 
 
 def _staging_tag(run: Mapping[str, Any]) -> str:

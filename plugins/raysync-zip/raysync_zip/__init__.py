@@ -12,13 +12,12 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import raysync
 from raysync import rules
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location
 from raysync.checksum import Hasher
 from raysync.copy import CHUNK, changed_error, open_source_file
 from raysync.errors import (
@@ -35,14 +34,6 @@ from raysync.target import Target, redact
 PREFIX = "zip+"
 COMPRESSION = {"deflated": zipfile.ZIP_DEFLATED, "stored": zipfile.ZIP_STORED}
 LOCAL = {"file", "local"}
-
-
-@dataclass
-class Location:
-    """Where a run's archive is, for reading it back (credentials out of the repr)."""
-
-    uri: str
-    options: dict[str, Any] = field(repr=False)
 
 
 def _split(uri: str, options: Mapping[str, Any]) -> tuple[str, int, dict[str, Any]]:
