@@ -55,22 +55,27 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _target(uri: str, storage_options: str | None) -> tuple[Any, Target]:
-    """The backend serving ``uri`` and the target to read, with ``--storage-options``."""
+def storage_options_arg(text: str) -> dict[str, Any]:
+    """``--storage-options`` (every command that takes it): a JSON object, or a usage error."""
     try:
-        options = json.loads(storage_options) if storage_options else {}
+        options = json.loads(text)
     except ValueError as e:
-        raise ConfigError(f"--storage-options is not valid JSON: {e}") from None
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
     if not isinstance(options, dict):
-        raise ConfigError("--storage-options must be a JSON object")
-    parsed = Target.parse(uri, options)
+        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"anon": true}\'')
+    return options
+
+
+def _target(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, Target]:
+    """The backend serving ``uri`` and the target to read, with ``--storage-options``."""
+    parsed = Target.parse(uri, storage_options or {})
     backend = get_registry().for_scheme(parsed.scheme)
     backend.check(parsed)
     # Relative paths are relative to where the command runs.
     return backend, Target(parsed.uri, parsed.scheme, parsed.options, os.getcwd())
 
 
-def _reader(uri: str, storage_options: str | None, what: str) -> RunReader:
+def _reader(uri: str, storage_options: dict[str, Any] | None, what: str) -> RunReader:
     backend, target = _target(uri, storage_options)
     if not isinstance(backend, OpensRuns):
         raise ConfigError(
@@ -264,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--storage-options",
             metavar="JSON",
+            type=storage_options_arg,
             help="storage_options as a JSON object (prefer credentials from the environment)",
         )
 
@@ -293,11 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("uri", nargs="?", help="the output_uri to check (as in @isolated_export)")
     p.add_argument("--address", help="the cluster to connect to (default: auto)")
-    p.add_argument(
-        "--storage-options",
-        metavar="JSON",
-        help="storage_options as a JSON object (prefer credentials from the environment)",
-    )
+    storage_options(p)
     p.add_argument("--backend", help="a backend name, as isolated_export(backend=...)")
     p.add_argument(
         "--working-dir", help="ship this project as the runtime_env working_dir (no pip)"

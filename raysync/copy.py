@@ -28,8 +28,9 @@ from __future__ import annotations
 import errno
 import io
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from raysync import checksum
@@ -300,6 +301,48 @@ def read_and_hash(entry: FileEntry, into: memoryview, algorithm: str = checksum.
     if seen != entry.size or extra:
         raise changed_error(entry, seen + len(extra))
     entry.digest = checksum.of_bytes(into, algorithm)
+
+
+class HashedSource:
+    """A file's source being read once and hashed as it is read (see :func:`hashed_source`)."""
+
+    def __init__(self, f: io.FileIO, h: checksum.Hasher) -> None:
+        self._f, self._h, self.seen = f, h, 0
+
+    def read(self, n: int = CHUNK) -> bytes:
+        """Up to ``n`` bytes; ``b""`` at the end."""
+        data = self._f.read(n) or b""
+        self._h.update(data)
+        self.seen += len(data)
+        return data
+
+    def chunks(self, n: int = CHUNK) -> Iterator[bytes]:
+        """The rest of the file in pieces of up to ``n`` bytes."""
+        return iter(lambda: self.read(n), b"")
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+@contextmanager
+def hashed_source(entry: FileEntry, algorithm: str = checksum.DEFAULT) -> Iterator[HashedSource]:
+    """Read ``entry.source`` once, for a backend that sends the bytes its own way (a zip
+    member, an upload stream, a message): every byte read is hashed. When the block ends
+    without an error, the file must have been read to its scanned size (else
+    :func:`changed_error`) and ``entry.digest`` is set from exactly the bytes read::
+
+        with hashed_source(entry, request.manifest.checksum) as src:
+            for chunk in src.chunks():
+                out.write(chunk)
+    """
+    with open_source_file(entry) as f:
+        src = HashedSource(f, checksum.new(algorithm))
+        yield src
+        if src.seen == entry.size:
+            src.seen += len(src.read(1))  # a file that grew since the scan
+    if src.seen != entry.size:
+        raise changed_error(entry, src.seen)
+    entry.digest = src.hexdigest()
 
 
 def hash_file(path: Path, algorithm: str = checksum.DEFAULT) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 import ray
 
 from raysync.decorator import isolated_export
-from raysync.errors import ConfigError, RaySyncError
+from raysync.errors import RaySyncError
 from raysync.target import BUILTIN_FIELDS, template_fields
 from raysync.workspace import current_workspace
 
@@ -203,19 +203,13 @@ def main(
     uri: str | None,
     *,
     address: str | None,
-    storage_options: str | None,
+    storage_options: dict[str, Any] | None,
     backend: str | None,
     working_dir: str | None,
     node_ip_address: str | None,
     timeout: float,
     as_json: bool,
 ) -> int:
-    try:
-        options = json.loads(storage_options) if storage_options else None
-    except ValueError as e:
-        raise ConfigError(f"--storage-options is not valid JSON: {e}") from None
-    if options is not None and not isinstance(options, dict):
-        raise ConfigError("--storage-options must be a JSON object")
     init: dict[str, Any] = {"address": address or "auto", "log_to_driver": False}
     if working_dir:
         from raysync.project import runtime_env
@@ -225,7 +219,7 @@ def main(
         init["_node_ip_address"] = node_ip_address
     ray.init(**init)
     try:
-        report = check_nodes(uri, storage_options=options, backend=backend, timeout=timeout)
+        report = check_nodes(uri, storage_options=storage_options, backend=backend, timeout=timeout)
     finally:
         ray.shutdown()
     print(json.dumps(report, indent=1) if as_json else format_report(report))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from raysync import isolated_export
+from raysync.cli import main as cli
 
 
 def _raysync(*args: str) -> subprocess.CompletedProcess[str]:
@@ -193,3 +194,14 @@ def test_a_return_by_value_run_materialized_with_its_manifest_verifies_and_lists
     (out / "artifacts" / "b.bin").write_bytes(b"changed")
     bad = _raysync("verify", str(out))
     assert bad.returncode == 1 and "artifacts/b.bin" in bad.stdout
+
+
+@pytest.mark.parametrize("command", [["ls", "x"], ["verify", "x"], ["pull", "x", "d"], ["doctor"]])
+@pytest.mark.parametrize("bad", ["[1]", "{x", '"s3"'])
+def test_storage_options_that_are_not_a_json_object_are_a_usage_error(
+    command: list[str], bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli([*command, "--storage-options", bad])
+    assert info.value.code == 2
+    assert "--storage-options" in capsys.readouterr().err

@@ -29,7 +29,12 @@ from typing import Any
 import raysync
 from raysync import checksum, rules
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
-from raysync.copy import CHUNK, changed_error, open_source_file, plan_reuse, read_and_hash
+from raysync.copy import (
+    CHUNK,
+    hashed_source,
+    plan_reuse,
+    read_and_hash,
+)
 from raysync.errors import (
     ConfigError,
     ExportError,
@@ -524,20 +529,12 @@ class BlobBackend:
         try:
 
             def stream() -> None:
-                assert entry.source is not None
-                h = checksum.new(algorithm)
-                seen = 0
                 with (
-                    open_source_file(entry) as src,
+                    hashed_source(entry, algorithm) as src,
                     fs.open(dest, "wb", block_size=opts.upload_part_size) as out,
                 ):
-                    for chunk in iter(lambda: src.read(CHUNK), b""):
-                        h.update(chunk)
+                    for chunk in src.chunks():
                         out.write(chunk)
-                        seen += len(chunk)
-                if seen != entry.size:
-                    raise changed_error(entry, seen)
-                entry.digest = h.hexdigest()
 
             with_retries(f"uploading {entry.path}", stream, opts)
         finally:
@@ -605,9 +602,7 @@ class BlobBackend:
 
         pending = []
         try:
-            h = checksum.new(algorithm)
-            seen = 0
-            with open_source_file(entry) as src:
+            with hashed_source(entry, algorithm) as src:
                 number = 0
                 while True:
                     held = budget.acquire(opts.upload_part_size)
@@ -615,13 +610,9 @@ class BlobBackend:
                     if not body:
                         budget.release(held)
                         break
-                    h.update(body)
-                    seen += len(body)
                     number += 1
                     pending.append(parts.submit(send, number, body, held))
                     del body
-            if seen != entry.size:
-                raise changed_error(entry, seen)
             done = [f.result() for f in pending]
             completed = with_retries(
                 f"completing the upload of {entry.path}",
@@ -635,7 +626,6 @@ class BlobBackend:
                 opts,
             )
             fs.invalidate_cache(dest)
-            entry.digest = h.hexdigest()
             entry.etag = etag_of(completed)
         except BaseException:
             for f in pending:

@@ -32,7 +32,7 @@ import ray
 import raysync
 from raysync import checksum, rules
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
-from raysync.copy import changed_error, open_source_file, plan_reuse
+from raysync.copy import hashed_source, plan_reuse
 from raysync.dirrun import (
     DirReader,
     check_conflict,
@@ -295,12 +295,8 @@ def _check_staged(staging: Path, manifest: Manifest, dest: Path, linked: set[str
         if not p.exists() and f.size == 0:
             makedirs(p.parent)
             p.touch()
-        h = checksum.new(manifest.checksum)
         try:
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(MIB), b""):
-                    h.update(chunk)
-            if p.stat().st_size != f.size or h.hexdigest() != f.digest:
+            if p.stat().st_size != f.size or checksum.of_file(p, manifest.checksum) != f.digest:
                 bad.append(f.path)
             os.chmod(p, f.mode & 0o777)
         except FileNotFoundError:
@@ -319,27 +315,19 @@ def chunks(
     items: list[tuple[str, int, int]] = []
     buf = bytearray()
     for entry in files:
-        assert entry.source is not None
-        h = checksum.new(algorithm)
-        seen = 0
-        with open_source_file(entry) as f:
+        with hashed_source(entry, algorithm) as f:
             while True:
-                room = chunk_size - len(buf)
-                data = f.read(room)
+                offset = f.seen
+                data = f.read(chunk_size - len(buf))
                 if data:
-                    h.update(data)
-                    items.append((entry.path, seen, len(data)))
+                    items.append((entry.path, offset, len(data)))
                     buf += data
-                    seen += len(data)
                 if len(buf) >= chunk_size:
                     yield items, bytes(buf)
                     items, buf = [], bytearray()
                     continue
                 if not data:
                     break
-        if seen != entry.size:
-            raise changed_error(entry, seen)
-        entry.digest = h.hexdigest()
     if items:
         yield items, bytes(buf)
 

@@ -18,8 +18,7 @@ from typing import Any
 import raysync
 from raysync import rules
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location
-from raysync.checksum import Hasher
-from raysync.copy import CHUNK, changed_error, open_source_file
+from raysync.copy import CHUNK, hashed_source
 from raysync.errors import (
     ConfigError,
     IntegrityError,
@@ -117,7 +116,7 @@ class ZipBackend:
         with tempfile.TemporaryFile(dir=Path(request.workspace).parent) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=compression) as zf:
                 for entry in request.files:
-                    self._add(zf, entry, request.new_hash())
+                    self._add(zf, entry, request.manifest.checksum)
                 # The manifest is the last member: an archive without one is not a run.
                 zf.writestr(MANIFEST_NAME, request.manifest.to_bytes())
             tmp.seek(0)
@@ -127,20 +126,14 @@ class ZipBackend:
         return ExportOutcome(uri=uri, payload=Location(uri, dict(request.target.options)))
 
     @staticmethod
-    def _add(zf: zipfile.ZipFile, entry: FileEntry, h: Hasher) -> None:
+    def _add(zf: zipfile.ZipFile, entry: FileEntry, algorithm: str) -> None:
         assert entry.source is not None
         info = zipfile.ZipInfo(check_relpath(entry.path), time.localtime()[:6])
         info.compress_type = zf.compression
         info.external_attr = (entry.mode & 0o777) << 16
-        seen = 0
-        with open_source_file(entry) as src, zf.open(info, "w", force_zip64=True) as dst:
-            for chunk in iter(lambda: src.read(CHUNK), b""):
-                h.update(chunk)
+        with hashed_source(entry, algorithm) as src, zf.open(info, "w", force_zip64=True) as dst:
+            for chunk in src.chunks():
                 dst.write(chunk)
-                seen += len(chunk)
-        if seen != entry.size:
-            raise changed_error(entry, seen)
-        entry.digest = h.hexdigest()
 
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
         loc = result.payload
