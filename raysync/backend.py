@@ -114,9 +114,15 @@ class RunInfo:
             status={"failed": "failed", "running": "checkpoint"}.get(manifest.status, "committed"),
             files=len(manifest.files),
             bytes=manifest.total_bytes,
-            ended_at=manifest.run.get("ended_at"),
-            task_id=manifest.run.get("task_id"),
+            ended_at=_text(manifest.run.get("ended_at")),
+            task_id=_text(manifest.run.get("task_id")),
         )
+
+
+def _text(value: Any) -> str | None:
+    """A manifest's free-form ``run`` field for a listing: a string, or ``None`` when a
+    damaged or foreign manifest holds something else there."""
+    return value if isinstance(value, str) else None
 
 
 class RunReader:

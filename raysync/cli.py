@@ -62,7 +62,7 @@ def storage_options_arg(text: str) -> dict[str, Any]:
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
     if not isinstance(options, dict):
-        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"anon": true}\'')
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"anon\": true}'")
     return options
 
 

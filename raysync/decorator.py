@@ -501,8 +501,8 @@ def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResul
     run_seconds = time.perf_counter() - call.started
     call.run["ended_at"] = _now()
     call.run["status"] = "failed" if error is not None else "succeeded"
-    call.run["error"] = (
-        "".join(traceback.format_exception_only(type(error), error)).strip()[:2000]
+    call.run["error"] = (  # the manifest never holds a credential (DESIGN invariant 5)
+        redact("".join(traceback.format_exception_only(type(error), error)).strip()[:2000])
         if error is not None
         else None
     )

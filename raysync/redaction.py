@@ -74,10 +74,12 @@ def remember(uri: str, options: Mapping[str, Any] | None = None) -> None:
     every string in ``options`` under a secret-looking name."""
     if options:
         _walk_options(options)
-    m = _URI.match(uri)
-    if m is None:
+    scheme, sep, rest = uri.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", scheme):
         return
-    info = _userinfo(m.group(2))
+    # The whole rest of the URI, not a match that stops at a space or a quote: a password
+    # may hold either ('ftp://alice:s3cret pass@host/...').
+    info = _userinfo(rest)
     if info:
         user, _, password = info.partition(":")
         if password:

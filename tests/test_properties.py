@@ -234,7 +234,7 @@ def test_a_deeply_nested_manifest_is_refused_clearly() -> None:
 # -- secrets -----------------------------------------------------------------------------------
 
 secret_text = st.text(
-    alphabet=st.sampled_from(list("abcXYZ019/+=@:%?&#-_.~")), min_size=6, max_size=30
+    alphabet=st.sampled_from(list("abcXYZ019/+=@:%?&#-_.~ '\"<>")), min_size=6, max_size=30
 )
 
 

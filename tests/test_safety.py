@@ -521,6 +521,39 @@ def test_item8_a_secret_in_storage_options_never_reaches_errors_or_logs(
     assert info.value.__cause__ is None  # the store's own error (which quotes it) is cut
 
 
+def test_item8_a_secret_in_the_users_own_error_never_reaches_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    @isolated_export("runs/{name}")
+    def f(name: str) -> None:
+        Path("export/partial.txt").write_text("half")
+        raise ConnectionError("upload to ftp://alice:Hunter2-Secret@files.corp/out timed out")
+
+    with pytest.raises(ConnectionError):
+        f(name="r")
+    record = json.loads((tmp_path / "runs" / "r" / MANIFEST_NAME).read_text())["run"]
+    assert record["status"] == "failed" and "ConnectionError" in record["error"]
+    assert "Hunter2-Secret" not in (tmp_path / "runs" / "r" / MANIFEST_NAME).read_text()
+
+
+def test_a_password_with_spaces_or_quotes_never_reaches_an_export_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for password in ["s3cret pass", "s3cret'pass", 's3cr"et<>pass']:
+
+        @isolated_export(f"ftp://alice:{password}@127.0.0.1:1/runs/{{name}}")
+        def f(name: str) -> None:
+            Path("export/a.txt").write_text("a")
+
+        with pytest.raises(RaySyncError) as info:
+            f(name="r")
+        text = str(info.value)
+        assert password not in text and "pass" not in text.split("127.0.0.1")[0], text
+
+
 def test_item8_a_request_the_client_itself_refuses_is_not_retried(
     moto_endpoint: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -618,9 +651,24 @@ def test_item10_a_damaged_manifest_is_a_clear_error_in_verify_pull_and_ls(
     uri = dest.run_uri("runs/r")
     assert cli(["verify", uri, *opts]) != 0
     assert cli(["pull", uri, str(tmp_path / "p"), *opts]) != 0
+    cli(["ls", dest.run_uri("runs"), *opts])  # lists it as damaged, or says so: no traceback
     err = capsys.readouterr().err
     assert "Traceback" not in err and "manifest" in err
     assert not (tmp_path / "p" / "export").exists()
+
+
+def test_item10_ls_lists_a_run_whose_record_holds_other_types(
+    dest: Dest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if dest.backend in REMOTE_RSYNC:
+        pytest.skip("rsync daemon and ssh destinations cannot be listed yet")
+    exporter(dest)(name="r", files={"export/a.txt": b"a"})
+    _tamper_manifest(dest, "runs/r", lambda d: d["run"].update(ended_at=1767225600, task_id=[1]))
+    opts = ["--storage-options", json.dumps(dest.options)] if dest.options else []
+    assert cli(["ls", dest.run_uri("runs"), *opts]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    assert "committed" in out.out and "runs/r" in out.out
 
 
 @pytest.mark.parametrize("backend", ["local", "rsync-mount", "memory"])
