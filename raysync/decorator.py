@@ -13,13 +13,16 @@ import hashlib
 import inspect
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import ray
@@ -259,6 +262,26 @@ def _wrap_methods(cls: type, source: type, cfg: _Config) -> None:
             setattr(cls, name, _wrap_function(member, cfg))
 
 
+def function_name(fn: Callable[..., Any]) -> str:
+    """The name a run records for the function that wrote it (``module.qualname``).
+
+    A script's functions live in ``__main__`` whichever script it is, so ``train.py`` and
+    ``evaluate.py`` would both write ``__main__.run``, and each would take the other's runs
+    for its own: a script's functions are named after the script (``train.run``; ``pkg.train
+    .run`` under ``python -m``). Interactive sessions keep ``__main__``.
+    """
+    module = fn.__module__
+    if module == "__main__":
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        path = getattr(main, "__file__", None)
+        if spec is not None and spec.name and spec.name != "__main__":
+            module = spec.name
+        elif isinstance(path, str) and path:
+            module = Path(path).stem or module
+    return f"{module}.{fn.__qualname__}"
+
+
 def _wrap_function(fn: Callable[..., Any], cfg: _Config) -> Callable[..., Any]:
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         raise ConfigError(
@@ -278,7 +301,7 @@ def _wrap_function(fn: Callable[..., Any], cfg: _Config) -> Callable[..., Any]:
                     template=cfg.target.uri,
                     available=available,
                 )
-    function = f"{fn.__module__}.{fn.__qualname__}"
+    function = function_name(fn)
     key = hashlib.sha256(f"{function}\0{cfg.target.uri}\0{cfg.backend.name}".encode()).hexdigest()[
         :24
     ]
@@ -339,12 +362,31 @@ def _session_name(ctx: Any) -> str:
     return str(ray._private.worker.global_worker.node.session_name)
 
 
-def call_id(session: str, job_id: str, task_id: str) -> str:
-    """The ``{call_id}`` template field: the Ray task id and a digest of the cluster session
-    and job, so that it differs across clusters (a task id alone repeats) and stays the same
-    for every attempt of one call (a retry replaces its own earlier attempt's run)."""
-    digest = hashlib.sha256(f"{session}\0{job_id}".encode()).hexdigest()[:8]
+def call_id(session: str, job_id: str, task_id: str, ordinal: int = 1) -> str:
+    """The ``{call_id}`` template field: the Ray task id and a digest of the cluster session,
+    the job and the call's ordinal in its task, so that it differs across clusters (a task id
+    alone repeats) and between decorated calls one task makes, and stays the same for every
+    attempt of one call (a retry replaces its own earlier attempt's run)."""
+    digest = hashlib.sha256(f"{session}\0{job_id}\0{ordinal}".encode()).hexdigest()[:8]
     return f"{task_id}-{digest}"
+
+
+_ordinals: OrderedDict[tuple[str, int], int] = OrderedDict()
+_ordinals_lock = threading.Lock()
+
+
+def _ordinal(task_id: str, attempt: int) -> int:
+    """Which decorated call this is within one attempt of a task: 1 for the first, 2 for a
+    second decorated function the task calls directly, ... The same on every attempt of a
+    task whose code makes its calls in the same order, so each call's retry finds its own
+    run. Counted per process (a task attempt runs in one worker)."""
+    with _ordinals_lock:
+        key = (task_id, attempt)
+        n = _ordinals.pop(key, 0) + 1
+        _ordinals[key] = n
+        while len(_ordinals) > 4096:  # tasks long finished
+            _ordinals.popitem(last=False)
+        return n
 
 
 def _begin(
@@ -361,6 +403,7 @@ def _begin(
     # make "an earlier attempt of this call" mean this call (DESIGN invariant 7).
     session = _session_name(ctx) if ctx else "local"
     attempt = _attempt()
+    ordinal = _ordinal(task_id, attempt)
     record = driver.lookup(cfg.key)
     if cfg.backend.capabilities.needs_driver and record is None:
         raise DestinationNotVisibleError(
@@ -371,7 +414,7 @@ def _begin(
             "driver publishes each destination when ray.init() runs or at decoration)",
         )
     values: dict[str, Any] = {
-        "call_id": call_id(session, job_id, task_id),
+        "call_id": call_id(session, job_id, task_id, ordinal),
         "task_id": task_id,
         "job_id": job_id,
         "node_id": node_id,
@@ -398,6 +441,7 @@ def _begin(
         "session": session,
         "task_id": task_id,
         "job_id": job_id,
+        "call": str(ordinal),
         "attempt": attempt,
         "node_id": node_id,
         "hostname": socket.gethostname(),

@@ -1,9 +1,11 @@
 """The rules every backend applies to a run, each in one place (DESIGN.md invariants 7 and 8).
 
 - **Identity.** A run's manifest records the call that wrote it: the Ray cluster session, the
-  job and the task. "An earlier attempt of this call" means all three are equal: Ray task ids
-  repeat across clusters (the first task of every fresh ``ray.init()`` gets the same id), so a
-  task id alone would take yesterday's run for a retry of today's call.
+  job, the task, which decorated call of that task it was (``call``: 1 for the first, 2 for a
+  second decorated function the same task calls directly) and the function. "An earlier
+  attempt of this call" means all five are equal: Ray task ids repeat across clusters (the
+  first task of every fresh ``ray.init()`` gets the same id), so a task id alone would take
+  yesterday's run for a retry of today's call, and one task may make several decorated calls.
 - **The conflict decision.** :func:`decide` is the one answer to "may this export write here?",
   with one wording for each refusal: a committed run is replaced only by a retry of the same
   call, or with ``conflict="overwrite"`` by a call of the *same function*; a destination that
@@ -25,8 +27,8 @@ from typing import Any
 from raysync.errors import RunExistsError
 from raysync.manifest import Manifest
 
-#: The manifest ``run`` keys that identify one call (all three must match).
-IDENTITY_KEYS = ("session", "job_id", "task_id")
+#: The manifest ``run`` keys that identify one call (all must match).
+IDENTITY_KEYS = ("session", "job_id", "task_id", "call", "function")
 
 HINT_OTHER_URI = "give each call its own output_uri (e.g. add {call_id}) or conflict='overwrite'"
 
@@ -49,6 +51,7 @@ def run_record(
         "session": session,
         "job_id": job_id,
         "task_id": task_id,
+        "call": "1",
         "status": "succeeded",
         **more,
     }

@@ -228,6 +228,83 @@ def test_item3_the_same_script_on_a_fresh_cluster_never_replaces_yesterdays_run(
     ) == sorted(Path(r["ok"]).name for r in (first["by-call-id"], second["by-call-id"]))
 
 
+def test_item3_each_decorated_call_a_task_makes_is_its_own_call_and_its_retry_finds_it(
+    host: Path,
+) -> None:
+    """One task calls decorated functions directly: each call is a call of its own
+    ({call_id} differs; another function's run is never taken for a retry), and when the
+    task is retried, each call finds its own earlier attempt's run."""
+    import ray
+
+    @isolated_export(str(host / "runs" / "{call_id}"))
+    def prepare() -> None:
+        Path("export/p.txt").write_text("prepare")
+
+    @isolated_export(str(host / "runs" / "fixed"))
+    def first() -> None:
+        Path("export/who.txt").write_text("first")
+
+    @isolated_export(str(host / "runs" / "fixed"))
+    def second() -> None:
+        Path("export/who.txt").write_text("second")
+
+    @ray.remote(max_retries=1)
+    def pipeline(marker: str) -> list[str]:
+        uris = [prepare().uri, prepare().uri, first().uri]
+        if not os.path.exists(marker):
+            Path(marker).touch()
+            os._exit(1)  # the worker dies after three commits: Ray retries the task
+        try:
+            second()
+        except RunExistsError:
+            return [*uris, "refused"]
+        return [*uris, "replaced"]
+
+    a, b, fixed, outcome = ray.get(pipeline.remote(str(host / "crashed-once")), timeout=120)
+    assert a != b and Path(fixed) == host / "runs" / "fixed"
+    assert outcome == "refused"
+    assert (host / "runs" / "fixed" / "export" / "who.txt").read_text() == "first"
+    runs = sorted(p.name for p in (host / "runs").iterdir() if not p.name.startswith("."))
+    # The retry's calls found the first attempt's runs: two {call_id} runs, not four.
+    assert runs == sorted([Path(a).name, Path(b).name, "fixed"])
+    assert cli(["verify", str(host / "runs" / "fixed")]) == 0
+
+
+def test_item3_two_scripts_with_a_function_of_the_same_name_never_replace_each_other(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom raysync import isolated_export\n"
+        "@isolated_export('results/{name}', conflict='overwrite')\n"
+        "def run(name):\n    Path('export/' + sys.argv[1]).write_text(sys.argv[1])\n"
+        "run(name='exp1')\n"
+    )
+    for name in ("train", "evaluate"):
+        (tmp_path / f"{name}.py").write_text(script)
+    repo = str(Path(__file__).parents[1])
+
+    def run(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, f"{name}.py", f"{name}.out"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "PYTHONPATH": repo},
+        )
+
+    assert run("train").returncode == 0
+    refused = run("evaluate")
+    assert refused.returncode != 0 and "RunExistsError" in refused.stderr, refused.stderr[-2000:]
+    assert "train.run" in refused.stderr
+    assert (tmp_path / "results" / "exp1" / "export" / "train.out").exists()
+    assert not (tmp_path / "results" / "exp1" / "export" / "evaluate.out").exists()
+
+
 # -- 4. names are literal, never globs (object stores) ----------------------------------------
 
 OBJECT_STORES = ["memory", "s3"]
