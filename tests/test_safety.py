@@ -376,6 +376,36 @@ def test_item4_a_key_the_store_reads_as_a_version_is_refused_or_kept_literally(
     assert store.verify("runs/r") == 0
 
 
+@pytest.mark.parametrize("backend", ["rsync-mount", *REMOTE_RSYNC])
+@pytest.mark.parametrize(
+    ("value", "sibling"), [("exp?", "exp"), ("exp#", "exp"), ("exp[1]", "exp1"), ("exp*", "exp1")]
+)
+def test_item4_an_rsync_run_named_with_url_or_wildcard_characters_never_touches_a_sibling(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: str,
+    value: str,
+    sibling: str,
+) -> None:
+    """urlsplit cuts a path at '?' and '#', and the remote rsync expands wildcards: either
+    the run is exported under exactly its own name, or it is refused; the sibling stays."""
+    monkeypatch.chdir(tmp_path)
+    dest = make_dest(request, backend, tmp_path)
+    write = exporter(dest, conflict="overwrite")
+    write(name=sibling, files={"export/a.txt": b"the sibling's"})
+    try:
+        result = write(name=value, files={"export/a.txt": b"evil"})
+    except RaySyncError as e:
+        assert "wildcard" in str(e) or "'?' and '#'" in str(e), e
+    else:
+        assert backend == "rsync-mount" and value in ("exp[1]", "exp*")
+        assert result.uri.endswith(f"/runs/{value}")
+        assert dest.read(f"runs/{value}/export/a.txt") == b"evil"
+    assert dest.read(f"runs/{sibling}/export/a.txt") == b"the sibling's"
+    assert dest.verify(f"runs/{sibling}") == 0
+
+
 # -- 5. modes from a manifest ------------------------------------------------------------------
 
 

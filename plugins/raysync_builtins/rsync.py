@@ -135,6 +135,10 @@ class Options:
         return cls(**values)
 
 
+#: Characters rsync's remote side expands as wildcards (and its escape character).
+_WILDCARDS = ("*", "?", "[", "]", "\\")
+
+
 @dataclass(frozen=True)
 class Remote:
     """Where a run goes, parsed from its URI."""
@@ -147,9 +151,14 @@ class Remote:
 
     @classmethod
     def parse(cls, uri: str) -> Remote:
+        if "?" in uri or "#" in uri:
+            # urlsplit would cut the path there: 'runs/exp?' would export to, and replace,
+            # the sibling run 'runs/exp'.
+            raise ConfigError(
+                f"{uri!r}: an rsync URI has no query or fragment, so '?' and '#' cannot be in it",
+                hint="name the run without '?' and '#'",
+            )
         u = urlsplit(uri)
-        if u.query or u.fragment:
-            raise ConfigError(f"an rsync URI has no query or fragment: {uri!r}")
         path = unquote(u.path, errors="surrogateescape")
         # The path as rsync will see it, decoded: a '.' or '..' segment would reach another
         # directory than the one the URI names (DESIGN invariant 7). Never normalised away.
@@ -157,6 +166,14 @@ class Remote:
             raise ConfigError(
                 f"{uri!r}: the path has a '.' or '..' segment (after percent-decoding)",
                 hint="write the run's path without '.' and '..' segments",
+            )
+        if u.netloc and any(c in path for c in _WILDCARDS):
+            # The remote rsync expands wildcards in the paths it is given ('exp[1]' would
+            # read, list or replace the run 'exp1').
+            raise ConfigError(
+                f"{uri!r}: a remote rsync path cannot hold {' '.join(_WILDCARDS)} (the "
+                "remote rsync reads them as wildcards)",
+                hint="name the run without wildcard characters",
             )
         if u.scheme == "rsync" and not u.netloc:
             if not path.startswith("/"):
