@@ -39,7 +39,7 @@ from raysync.errors import (
     RaySyncError,
     RunExistsError,
 )
-from raysync.fsops import remove_tree
+from raysync.fsops import iter_files, remove_tree
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
 from raysync.result import ExportResult, place_files, read_path_chunks
 from raysync.rules import Decision, decide, may_replace, same_call
@@ -166,9 +166,30 @@ def check_inside(root: Path, dest: Path, uri: str) -> None:
         )
 
 
-def check_conflict(dest: Path, *, run: Mapping[str, Any], conflict: str, uri: str) -> Decision:
-    """The conflict decision (:func:`raysync.rules.decide`) for a directory destination."""
+def check_conflict(
+    dest: Path, *, run: Mapping[str, Any], conflict: str, uri: str, root: Path | None = None
+) -> Decision:
+    """The conflict decision (:func:`raysync.rules.decide`) for a directory destination.
+
+    With ``root`` (the destination root the run lies below), a committed run in any directory
+    from ``dest``'s parent up to ``root`` refuses the export (a run is never nested in
+    another); a committed run at ``dest`` holding files its manifest does not list is never
+    replaced."""
+    inside = None
+    if root is not None:
+        anc, top = Path(os.path.normpath(dest)).parent, Path(os.path.normpath(root))
+        while anc.is_relative_to(top):
+            if (anc / MANIFEST_NAME).is_file():
+                inside = str(anc)
+                break
+            if anc == top:
+                break
+            anc = anc.parent
     existing = read_committed(dest, uri=uri)
+    unlisted: list[str] = []
+    if existing is not None:
+        listed = {f.path for f in existing.files} | {MANIFEST_NAME}
+        unlisted = [p for p in iter_files(dest) if p not in listed]
     occupied = False
     if existing is None:
         try:
@@ -180,7 +201,15 @@ def check_conflict(dest: Path, *, run: Mapping[str, Any], conflict: str, uri: st
                 occupied = any(True for _ in it)
         elif st is not None:
             occupied = True  # a file or a symlink where the run would go
-    return decide(existing=existing, occupied=occupied, run=run, conflict=conflict, uri=uri)
+    return decide(
+        existing=existing,
+        occupied=occupied,
+        run=run,
+        conflict=conflict,
+        uri=uri,
+        inside=inside,
+        unlisted=unlisted,
+    )
 
 
 def commit_dir(

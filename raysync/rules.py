@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +89,8 @@ def decide(
     conflict: str,
     uri: str,
     leftover_owner: Mapping[str, Any] | None = None,
+    inside: str | None = None,
+    unlisted: Sequence[str] = (),
 ) -> Decision:
     """The conflict decision for one export, the same for every backend.
 
@@ -100,10 +102,35 @@ def decide(
     :param uri: the destination, for the error (already redacted).
     :param leftover_owner: when the destination holds an unfinished export that says which
         call made it (a lock, a claim), that call's identity record.
+    :param inside: a committed run that holds the destination (in a parent directory or
+        prefix): a run inside another would be deleted with it when that run is replaced.
+    :param unlisted: what the committed run at the destination holds that its manifest does
+        not list (another run inside it, files put there by hand): replacing the run would
+        delete them.
     :raises RunExistsError: with one wording per case, when the export may not write here.
     """
+    if inside is not None:
+        raise RunExistsError(
+            f"this destination lies inside the committed run {inside}; a run inside another "
+            "would be deleted when that run is replaced",
+            uri=uri,
+            hint="export next to that run, not into it (a field value without '/')",
+        )
+    if existing is not None and unlisted:
+        shown = ", ".join(repr(p) for p in sorted(unlisted)[:3])
+        more = f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else ""
+        refusal = RunExistsError(
+            f"the committed run here holds {shown}{more}, which its manifest does not list "
+            "(another run inside it, or files put there by hand); raysync never deletes them",
+            uri=uri,
+            hint="move them out of the run, then export again",
+        )
+    else:
+        refusal = None
     if existing is not None:
         if same_call(existing.run, run):
+            if refusal is not None:
+                raise refusal
             return Decision(True, existing)  # an earlier attempt of this very call: a retry
         if existing.run.get("function") != run.get("function"):
             raise RunExistsError(
@@ -114,6 +141,8 @@ def decide(
                 hint="choose another output_uri, or delete that run yourself if you mean to",
             )
         if conflict == "overwrite":
+            if refusal is not None:
+                raise refusal
             return Decision(True, existing)
         raise RunExistsError("a committed run already exists here", uri=uri, hint=HINT_OTHER_URI)
     if leftover_owner is not None:

@@ -154,6 +154,80 @@ def test_item2_a_run_of_another_function_is_never_replaced(dest: Dest, conflict:
     assert dest.verify("runs/r1") == 0
 
 
+@pytest.mark.parametrize("conflict", ["error", "overwrite"])
+def test_item2_a_run_is_never_committed_inside_another_run(dest: Dest, conflict: str) -> None:
+    """A value with '/' may name a run below another committed run, which would be deleted
+    when the outer run is replaced: refused, whichever function and policy."""
+    exporter(dest)(name="a", files={"export/a.txt": b"outer"})
+
+    @isolated_export(dest.uri("runs/{name}"), storage_options=dest.options, conflict=conflict)
+    def inner(name: str) -> None:
+        Path("export/b.txt").write_bytes(b"inner")
+
+    with pytest.raises(RunExistsError, match="inside the committed run"):
+        inner(name="a/b")
+    assert dest.read("runs/a/b/export/b.txt") is None
+    assert dest.verify("runs/a") == 0
+
+
+@pytest.mark.parametrize("planted", ["notes.txt", f"b/{MANIFEST_NAME}"])
+def test_item2_replacing_a_run_never_deletes_what_its_manifest_does_not_list(
+    dest: Dest, planted: str
+) -> None:
+    """Files put into a committed run by hand, or a run nested in it by an older raysync,
+    are not the run's own: replacing the run (a retry, or overwrite) is refused."""
+    write = exporter(dest, conflict="overwrite")
+    write(name="a", files={"export/a.txt": b"first"})
+    dest.plant(f"runs/a/{planted}", b"not the run's own")
+    with pytest.raises(RunExistsError, match="does not list"):
+        write(name="a", files={"export/a.txt": b"second"})
+    assert dest.read(f"runs/a/{planted}") == b"not the run's own"
+    assert dest.read("runs/a/export/a.txt") == b"first"
+
+
+@pytest.mark.parametrize("backend", REMOTE_RSYNC)
+def test_item2_two_calls_claiming_one_rsync_run_at_once_never_both_commit(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    """rsync has no exclusive create: each call claims under its own name and looks again.
+    Of two calls of different functions exporting one new run at once, at most one commits,
+    and what is committed verifies and is the winner's."""
+    from raysync.manifest import scan
+    from raysync.rules import run_record
+    from tests.raw import raw_export, workspace
+
+    dest = make_dest(request, backend, tmp_path)
+
+    def go(fn: str, uri: str, barrier: threading.Barrier, outcome: dict[str, str]) -> None:
+        ws = workspace({f"export/{fn}.txt": fn.encode()})
+        entries = scan(ws, ["export"])
+        barrier.wait(timeout=30)
+        try:
+            raw_export(dest, uri, ws=ws, entries=entries, run=run_record(fn, f"task-{fn}"))
+            outcome[fn] = "ok"
+        except RunExistsError:
+            outcome[fn] = "refused"
+
+    wins = 0
+    for i in range(4):
+        outcome: dict[str, str] = {}
+        barrier = threading.Barrier(2)
+        args = (dest.uri(f"runs/race{i}"), barrier, outcome)
+        threads = [threading.Thread(target=go, args=(fn, *args)) for fn in ("f", "g")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        winners = [fn for fn, v in outcome.items() if v == "ok"]
+        assert len(winners) <= 1 and len(outcome) == 2, outcome
+        if winners:
+            wins += 1
+            got = dest.files(f"runs/race{i}")
+            assert got.keys() == {f"export/{winners[0]}.txt", MANIFEST_NAME}, got.keys()
+            assert dest.verify(f"runs/race{i}") == 0
+    assert wins >= 2  # calls that meet back off at random: one of them gets the run
+
+
 # -- 3. Ray task ids repeat across clusters ----------------------------------------------------
 
 TWO_CLUSTERS = r"""

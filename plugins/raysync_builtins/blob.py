@@ -362,6 +362,13 @@ class BlobBackend:
         existing = self._read_manifest(fs, run, shown, opts) if manifest_path in found else None
         others = [k for k in found if k not in (lock_path, manifest_path)]
         own_lock = holder is not None and rules.same_call(holder, request.manifest.run)
+        unlisted: list[str] = []
+        if existing is not None:
+            listed = {f"{run}/{f.path}" for f in existing.files}
+            listed |= {f"{run}/{f.pack['object']}" for f in existing.files if f.pack is not None}
+            unlisted = [k[len(run) + 1 :] for k in others if k not in listed]
+            if own_lock:  # what a dead attempt of this call uploaded is ours; runs are not
+                unlisted = [p for p in unlisted if p.endswith(f"/{MANIFEST_NAME}")]
         decision = rules.decide(
             existing=existing,
             occupied=bool(others) and not own_lock,
@@ -369,6 +376,8 @@ class BlobBackend:
             conflict=request.conflict,
             uri=shown,
             leftover_owner=holder if existing is None and not own_lock else None,
+            inside=self._enclosing_run(fs, run, opts),
+            unlisted=unlisted,
         )
         if existing is not None and holder is not None and not own_lock:
             # A committed run that another call is replacing right now.
@@ -381,6 +390,22 @@ class BlobBackend:
                 leftover_owner=holder,
             )
         return _Claim(decision, found)
+
+    @staticmethod
+    def _enclosing_run(fs: Any, run: str, opts: Options) -> str | None:
+        """A committed run in a prefix above ``run`` (up to the bucket), if there is one."""
+        parts = run.split("/")
+        for n in range(len(parts) - 1, 0, -1):
+            prefix = "/".join(parts[:n])
+            if not prefix.strip("/"):
+                break
+            fs.invalidate_cache(prefix)
+            path = f"{prefix}/{MANIFEST_NAME}"
+            if with_retries(
+                "looking for an enclosing run", functools.partial(fs.exists, path), opts
+            ):
+                return prefix
+        return None
 
     @staticmethod
     def _holder(fs: Any, lock_path: str, opts: Options) -> dict[str, Any] | None:

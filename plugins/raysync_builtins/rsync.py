@@ -25,7 +25,9 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -445,6 +447,16 @@ def unchanged_since_scan(files: list[FileEntry]) -> None:
             )
 
 
+class _Contended(Exception):
+    """Another call holds a claim on the run right now: wait and look again."""
+
+
+def _parents(path: str) -> list[str]:
+    """``a/b/c`` → ``["a", "a/b"]``: the directories a manifest path implies."""
+    parts = path.split("/")
+    return ["/".join(parts[:n]) for n in range(1, len(parts))]
+
+
 def _claim_owner(data: bytes | None) -> dict[str, Any] | None:
     """The call a claim names; a claim that cannot be read names no call (not ours)."""
     if data is None:
@@ -562,7 +574,8 @@ class RsyncBackend:
         dest = Path(remote.path)
         run = request.manifest.run
         check_visible(request.prepared, dest, uri)
-        decision = check_conflict(dest, run=run, conflict=request.conflict, uri=uri)
+        root = Path(request.prepared["root"])
+        decision = check_conflict(dest, run=run, conflict=request.conflict, uri=uri, root=root)
         reuse = plan_reuse(request.files, decision.previous, request.checksum)
         staging = staging_dir(dest, _staging_tag(run))
         try:
@@ -608,33 +621,25 @@ class RsyncBackend:
     ) -> None:
         """Daemon and ssh: prove the directory is ours to write (empty, a run this call may
         replace, or this call's own unfinished attempt), claim it, send the data (the old
-        manifest goes first), then the manifest, then drop the claim."""
+        manifest goes first), then the manifest, then drop the claim.
+
+        rsync has no exclusive create, so each call claims under a name of its own
+        (``.raysync-claim-<random>``) and then looks again: when it sees another call's claim
+        it withdraws (of two calls that claim at once, at least the later one sees the other,
+        and neither writes a byte of data before its look)."""
         run = request.manifest.run
-        names = self._list_remote(rsync, remote)
-        existing = claim = None
-        if names and MANIFEST_NAME in names:
-            existing = self._read_remote_json(rsync, remote, MANIFEST_NAME, uri)
-        elif names and CLAIM_NAME in names:
-            claim = self._read_remote_json(rsync, remote, CLAIM_NAME, uri)
-        rules.decide(
-            existing=Manifest.from_bytes(existing, uri=uri) if existing is not None else None,
-            occupied=bool(names),
-            run=run,
-            conflict=request.conflict,
-            uri=uri,
-            leftover_owner=_claim_owner(claim),
-        )
+        mine = f"{CLAIM_NAME}-{secrets.token_hex(8)}"
         with temporary_dir("raysync-rsync-meta-") as meta:
             (meta / "empty").mkdir()
-            (meta / CLAIM_NAME).write_bytes(
+            (meta / mine).write_bytes(
                 json.dumps({k: run.get(k) for k in (*rules.IDENTITY_KEYS, "function")}).encode()
             )
-            rsync.run_with_retries(["-a", f"{meta}/{CLAIM_NAME}", remote.url(CLAIM_NAME)], "claim")
+            stale = self._claim_remote(rsync, remote, uri, run, request.conflict, meta, mine)
             sent = False
             try:
                 # Data first: --delete-before removes an old manifest (and a dead attempt's
                 # files) before any data changes; --delay-updates puts the new files in place
-                # together; the claim is protected from the deletion.
+                # together; claims are protected from the deletion.
                 sent = True
                 self._transfer(request, rsync, remote.url() + "/", daemon=True)
                 unchanged_since_scan(request.files)
@@ -645,30 +650,163 @@ class RsyncBackend:
             except BaseException:
                 # Nothing was committed. Once data went out the old run is gone (its manifest
                 # first): empty the directory, which the claim proved ours, so that a retry or
-                # another call can take it; before that, only the claim goes.
-                self._clear_remote(rsync, remote, meta / "empty", everything=sent)
+                # another call can take it; before that, only our claim goes.
+                self._clear_remote(rsync, remote, meta / "empty", [mine], everything=sent)
                 raise
-            # The run is committed; drop the claim.
-            self._clear_remote(rsync, remote, meta / "empty", everything=False)
+            # The run is committed; drop our claim and those of this call's dead attempts.
+            self._clear_remote(rsync, remote, meta / "empty", [mine, *stale], everything=False)
+
+    def _claim_remote(
+        self,
+        rsync: Rsync,
+        remote: Remote,
+        uri: str,
+        run: Mapping[str, Any],
+        conflict: str,
+        meta: Path,
+        mine: str,
+    ) -> list[str]:
+        """Claim the run as ``mine``: look (nothing is written where the rules refuse),
+        claim, look again. Calls that claim at the same moment see each other and both
+        withdraw; each tries again after a random wait, so one of them gets the run and the
+        other then finds it claimed or committed. Returns this call's dead attempts' claims."""
+        rounds = 4
+        for n in range(rounds):
+            last = n == rounds - 1
+            try:
+                self._decide_remote(rsync, remote, uri, run, conflict, mine=None, wait=not last)
+                rsync.run_with_retries(["-a", f"{meta}/{mine}", remote.url(mine)], "claim")
+                try:
+                    return self._decide_remote(
+                        rsync, remote, uri, run, conflict, mine=mine, wait=not last
+                    )
+                except BaseException:
+                    self._clear_remote(rsync, remote, meta / "empty", [mine], everything=False)
+                    raise
+            except _Contended:
+                time.sleep(random.uniform(0.05, 0.2) * 2**n)  # noqa: S311 - jitter
+        raise AssertionError("unreachable: the last round raises RunExistsError")
+
+    def _decide_remote(
+        self,
+        rsync: Rsync,
+        remote: Remote,
+        uri: str,
+        run: Mapping[str, Any],
+        conflict: str,
+        *,
+        mine: str | None,
+        wait: bool = False,
+    ) -> list[str]:
+        """Look at the remote run and apply the conflict decision (before claiming, and again
+        holding the claim ``mine``); return the claims this call's dead attempts left. With
+        ``wait``, another call's claim raises :class:`_Contended` (try again) instead of
+        :class:`RunExistsError`."""
+        if mine is None:
+            inside = self._enclosing_run(rsync, remote)
+            if inside is not None:
+                rules.decide(
+                    existing=None,
+                    occupied=False,
+                    run=run,
+                    conflict=conflict,
+                    uri=uri,
+                    inside=inside,
+                )
+        names = self._list_remote(rsync, remote, recursive=mine is not None)
+        top = [n for n in names if "/" not in n]
+        claims = [n for n in top if n.startswith(CLAIM_NAME) and n != mine]
+        stale: list[str] = []
+        for name in claims:
+            owner = _claim_owner(self._read_remote_claim(rsync, remote, name, uri))
+            if owner is None:
+                continue  # gone since the listing (rsync's temporary name of a claim)
+            if rules.same_call(owner, run):
+                stale.append(name)  # an attempt of this call that died: ours
+                continue
+            if wait:
+                raise _Contended
+            rules.decide(
+                existing=None,
+                occupied=True,
+                run=run,
+                conflict=conflict,
+                uri=uri,
+                leftover_owner=owner,
+            )
+        existing = None
+        if MANIFEST_NAME in top:
+            data = self._read_remote_json(rsync, remote, MANIFEST_NAME, uri)
+            existing = Manifest.from_bytes(data, uri=uri)
+        ours = {mine, *stale, *claims, MANIFEST_NAME}
+        unlisted: list[str] = []
+        if existing is not None and mine is not None:
+            listed = {f.path for f in existing.files}
+            dirs = {d for f in existing.files for d in _parents(f.path)}
+            unlisted = [n for n in names if n not in ours and n not in listed and n not in dirs]
+        rules.decide(
+            existing=existing,
+            occupied=any(n not in ours for n in top) and not stale,
+            run=run,
+            conflict=conflict,
+            uri=uri,
+            leftover_owner=None,
+            unlisted=unlisted,
+        )
+        return stale
 
     @staticmethod
-    def _clear_remote(rsync: Rsync, remote: Remote, empty: Path, *, everything: bool) -> None:
-        """Delete the claim (and with ``everything``, all the run directory holds) on the
-        remote side: an rsync of an empty directory with ``--delete``, filtered to the claim
-        unless ``everything``."""
-        only_claim = [] if everything else [f"--filter=+ /{CLAIM_NAME}", "--filter=- *"]
+    def _enclosing_run(rsync: Rsync, remote: Remote) -> str | None:
+        """A committed run in a directory above the run (up to the daemon module, or the
+        remote root's first directory), nearest first: one listing per directory."""
+        parts = remote.path.strip("/").split("/")
+        lead = "" if remote.mode == "daemon" else "/"
+        for n in range(len(parts) - 1, 0, -1):
+            path = lead + "/".join(parts[:n])
+            above = Remote(remote.mode, path, remote.host, remote.port, remote.user)
+            try:
+                rsync.run(["--list-only", "--", above.url(MANIFEST_NAME)], "look above the run")
+            except RsyncFailed as e:
+                if e.code == 23:  # no manifest there
+                    continue
+                raise
+            return above.url()
+        return None
+
+    @staticmethod
+    def _read_remote_claim(rsync: Rsync, remote: Remote, name: str, uri: str) -> bytes | None:
+        try:
+            with temporary_dir("raysync-read-") as tmp:
+                rsync.run(["--", remote.url(name), f"{tmp}/"], f"read {name}")
+                return (tmp / name).read_bytes()
+        except (RsyncFailed, FileNotFoundError):
+            return None
+
+    @staticmethod
+    def _clear_remote(
+        rsync: Rsync, remote: Remote, empty: Path, claims: list[str], *, everything: bool
+    ) -> None:
+        """Delete ``claims`` (and with ``everything``, all the run directory holds but other
+        calls' claims) on the remote side: an rsync of an empty directory with ``--delete``,
+        filtered."""
+        if everything:  # the first matching rule wins: ours are at risk, others' protected
+            chosen = [*(f"--filter=R /{c}" for c in claims), f"--filter=P /{CLAIM_NAME}-*"]
+        else:
+            chosen = [*(f"--filter=+ /{c}" for c in claims), "--filter=- *"]
         try:
             rsync.run_with_retries(
-                ["-r", "--delete", *only_claim, f"{empty}/", remote.url() + "/"], "clean up"
+                ["-r", "--delete", *chosen, f"{empty}/", remote.url() + "/"], "clean up"
             )
         except RsyncFailed as e:
             log.warning("raysync: could not clean up %s after the export: %s", remote.url(), e)
 
-    def _list_remote(self, rsync: Rsync, remote: Remote) -> list[str]:
-        """The names in the remote run directory (``[]``: missing or empty); a file at the
-        run's path lists as itself, so it counts as occupied."""
+    def _list_remote(self, rsync: Rsync, remote: Remote, *, recursive: bool = False) -> list[str]:
+        """The names in the remote run directory (``[]``: missing or empty), with
+        ``recursive`` every path below it; a file at the run's path lists as itself, so it
+        counts as occupied."""
         try:
-            out = rsync.run(["--list-only", "--", remote.url() + "/"], "list")
+            more = ["-r"] if recursive else []
+            out = rsync.run(["--list-only", *more, "--", remote.url() + "/"], "list")
         except RsyncFailed as e:
             if e.code == 23 and ("No such file" in e.stderr or "change_dir" in e.stderr):
                 return []
@@ -717,7 +855,7 @@ class RsyncBackend:
                 "--delete",
                 "--delete-before",
                 "--delay-updates",
-                f"--filter=P /{CLAIM_NAME}",
+                f"--filter=P /{CLAIM_NAME}-*",
             ]
         else:
             # Local copies default to --whole-file; without it a retried attempt resumes a
