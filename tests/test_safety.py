@@ -804,6 +804,29 @@ def test_item9_a_directory_swapped_for_a_symlink_after_the_scan_is_never_followe
     assert dest.read(f"runs/r/{MANIFEST_NAME}") is None
 
 
+@pytest.mark.parametrize("backend", ["local", "rsync-mount", *REMOTE_RSYNC])
+def test_item9_an_overwrite_whose_tree_fails_its_check_keeps_the_old_run(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    """A source replaced after the scan fails the export before the old run is touched."""
+    from raysync.manifest import scan
+    from raysync.rules import run_record
+    from tests.raw import raw_export, workspace
+
+    dest = make_dest(request, backend, tmp_path)
+    run = run_record("f", "t1")
+    old = workspace({"export/a.txt": b"old"})
+    raw_export(dest, dest.uri("runs/r"), ws=old, entries=scan(old, ["export"]), run=run)
+    ws = workspace({"export/a.txt": b"new", "export/b.txt": b"new b"})
+    entries = scan(ws, ["export"])
+    (ws / "export" / "b.txt").unlink()
+    (ws / "export" / "b.txt").write_bytes(b"another b")  # another file now: refused
+    with pytest.raises(RaySyncError, match=r"replaced|changed"):
+        raw_export(dest, dest.uri("runs/r"), ws=ws, entries=entries, run=run, conflict="overwrite")
+    assert dest.read("runs/r/export/a.txt") == b"old"
+    assert dest.verify("runs/r") == 0
+
+
 # -- 10. smaller items ---------------------------------------------------------------------------
 
 

@@ -637,6 +637,11 @@ class RsyncBackend:
             stale = self._claim_remote(rsync, remote, uri, run, request.conflict, meta, mine)
             sent = False
             try:
+                # Every source readable and unchanged before the old run is touched: a tree
+                # that fails here leaves the old run as it was.
+                for entry in request.files:
+                    os.close(open_source(entry))
+                unchanged_since_scan(request.files)
                 # Data first: --delete-before removes an old manifest (and a dead attempt's
                 # files) before any data changes; --delay-updates puts the new files in place
                 # together; claims are protected from the deletion.
