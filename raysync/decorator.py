@@ -362,26 +362,27 @@ def _session_name(ctx: Any) -> str:
     return str(ray._private.worker.global_worker.node.session_name)
 
 
-def call_id(session: str, job_id: str, task_id: str, ordinal: int = 1) -> str:
+def call_id(session: str, job_id: str, task_id: str, function: str, ordinal: int = 1) -> str:
     """The ``{call_id}`` template field: the Ray task id and a digest of the cluster session,
-    the job and the call's ordinal in its task, so that it differs across clusters (a task id
-    alone repeats) and between decorated calls one task makes, and stays the same for every
-    attempt of one call (a retry replaces its own earlier attempt's run)."""
-    digest = hashlib.sha256(f"{session}\0{job_id}\0{ordinal}".encode()).hexdigest()[:8]
+    the job, the function and which call of it this is in its task, so that it differs across
+    clusters (a task id alone repeats) and between the decorated calls one task makes, and
+    stays the same for every attempt of one call (a retry replaces its own earlier run)."""
+    digest = hashlib.sha256(f"{session}\0{job_id}\0{function}\0{ordinal}".encode()).hexdigest()[:8]
     return f"{task_id}-{digest}"
 
 
-_ordinals: OrderedDict[tuple[str, int], int] = OrderedDict()
+_ordinals: OrderedDict[tuple[str, int, str], int] = OrderedDict()
 _ordinals_lock = threading.Lock()
 
 
-def _ordinal(task_id: str, attempt: int) -> int:
-    """Which decorated call this is within one attempt of a task: 1 for the first, 2 for a
-    second decorated function the task calls directly, ... The same on every attempt of a
-    task whose code makes its calls in the same order, so each call's retry finds its own
-    run. Counted per process (a task attempt runs in one worker)."""
+def _ordinal(task_id: str, attempt: int, function: str) -> int:
+    """Which call of ``function`` this is within one attempt of a task: 1 for the first, 2
+    when the task calls the same decorated function again. It tells such calls apart within
+    an attempt (their ``{call_id}``, and their runs: neither replaces the other); a retry
+    finds the earlier attempt's runs by task and function, whatever order it calls in.
+    Counted per process (a task attempt runs in one worker)."""
     with _ordinals_lock:
-        key = (task_id, attempt)
+        key = (task_id, attempt, function)
         n = _ordinals.pop(key, 0) + 1
         _ordinals[key] = n
         while len(_ordinals) > 4096:  # tasks long finished
@@ -403,7 +404,7 @@ def _begin(
     # make "an earlier attempt of this call" mean this call (DESIGN invariant 7).
     session = _session_name(ctx) if ctx else "local"
     attempt = _attempt()
-    ordinal = _ordinal(task_id, attempt)
+    ordinal = _ordinal(task_id, attempt, cfg.function)
     record = driver.lookup(cfg.key)
     if cfg.backend.capabilities.needs_driver and record is None:
         raise DestinationNotVisibleError(
@@ -414,7 +415,7 @@ def _begin(
             "driver publishes each destination when ray.init() runs or at decoration)",
         )
     values: dict[str, Any] = {
-        "call_id": call_id(session, job_id, task_id, ordinal),
+        "call_id": call_id(session, job_id, task_id, cfg.function, ordinal),
         "task_id": task_id,
         "job_id": job_id,
         "node_id": node_id,

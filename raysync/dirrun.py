@@ -42,7 +42,7 @@ from raysync.errors import (
 from raysync.fsops import iter_files, remove_tree
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
 from raysync.result import ExportResult, place_files, read_path_chunks
-from raysync.rules import Decision, decide, may_replace, same_call
+from raysync.rules import Decision, decide, may_replace, same_commit
 
 TOKEN_NAME = ".raysync-visible"  # noqa: S105 - a file name, not a secret
 STAGING_MARK = ".raysync-staging-"
@@ -166,25 +166,21 @@ def check_inside(root: Path, dest: Path, uri: str) -> None:
         )
 
 
-def check_conflict(
-    dest: Path, *, run: Mapping[str, Any], conflict: str, uri: str, root: Path | None = None
-) -> Decision:
+def check_conflict(dest: Path, *, run: Mapping[str, Any], conflict: str, uri: str) -> Decision:
     """The conflict decision (:func:`raysync.rules.decide`) for a directory destination.
 
-    With ``root`` (the destination root the run lies below), a committed run in any directory
-    from ``dest``'s parent up to ``root`` refuses the export (a run is never nested in
-    another); a committed run at ``dest`` holding files its manifest does not list is never
-    replaced."""
+    A committed run in any directory above ``dest`` (up to the filesystem root, as object
+    stores check up to the bucket) refuses the export: a run is never nested in another. A
+    committed run at ``dest`` holding files its manifest does not list is never replaced."""
     inside = None
-    if root is not None:
-        anc, top = Path(os.path.normpath(dest)).parent, Path(os.path.normpath(root))
-        while anc.is_relative_to(top):
-            if (anc / MANIFEST_NAME).is_file():
-                inside = str(anc)
-                break
-            if anc == top:
-                break
-            anc = anc.parent
+    anc = Path(os.path.normpath(os.path.abspath(dest))).parent
+    while True:
+        if (anc / MANIFEST_NAME).is_file():
+            inside = str(anc)
+            break
+        if anc.parent == anc:
+            break
+        anc = anc.parent
     existing = read_committed(dest, uri=uri)
     unlisted: list[str] = []
     if existing is not None:
@@ -342,7 +338,7 @@ def materialize_dir(
     committed = read_committed(src, uri=result.uri)
     if committed is None:
         raise MaterializeError(f"no committed run at {src} on this machine", hint=hint)
-    if not same_call(committed.run, result.manifest.run):
+    if not same_commit(committed.run, result.manifest.run):
         raise IntegrityError(
             "the run at this path was replaced by another call",
             uri=result.uri,

@@ -1,17 +1,19 @@
 """The rules every backend applies to a run, each in one place (DESIGN.md invariants 7 and 8).
 
 - **Identity.** A run's manifest records the call that wrote it: the Ray cluster session, the
-  job, the task, which decorated call of that task it was (``call``: 1 for the first, 2 for a
-  second decorated function the same task calls directly) and the function. "An earlier
-  attempt of this call" means all five are equal: Ray task ids repeat across clusters (the
-  first task of every fresh ``ray.init()`` gets the same id), so a task id alone would take
-  yesterday's run for a retry of today's call, and one task may make several decorated calls.
+  job, the task and the function (:data:`IDENTITY_KEYS`), Ray's attempt number, and which call
+  of that function the task attempt made (``call``: "1", "2" for a second call of the same
+  function in one task). Ray task ids repeat across clusters (the first task of every fresh
+  ``ray.init()`` gets the same id), so a task id alone would take yesterday's run for a retry
+  of today's call. :func:`same_call`: a run of an *earlier attempt* of the same task and
+  function is this call's own (a retried task may make its calls in another order); within
+  one attempt, only the same ``call``.
 - **The conflict decision.** :func:`decide` is the one answer to "may this export write here?",
   with one wording for each refusal: a committed run is replaced only by a retry of the same
   call, or with ``conflict="overwrite"`` by a call of the *same function*; a destination that
   holds anything that is not a raysync run is never written into, deleted or replaced, whatever
   the policy; leftovers of an unfinished export are taken over only by that same call.
-- **Same commit.** :func:`same_call` tells whether the run found at a URI is still the one an
+- **Same commit.** :func:`same_commit` tells whether the run found at a URI is still the one an
   :class:`~raysync.ExportResult` describes.
 - **Modes.** :func:`placed_mode` is the mode a file gets when it is placed on a machine: never
   setuid, setgid or sticky, and never more than the umask allows.
@@ -27,8 +29,10 @@ from typing import Any
 from raysync.errors import RunExistsError
 from raysync.manifest import Manifest
 
-#: The manifest ``run`` keys that identify one call (all must match).
-IDENTITY_KEYS = ("session", "job_id", "task_id", "call", "function")
+#: The manifest ``run`` keys a call shares with every attempt of its task (all must match).
+IDENTITY_KEYS = ("session", "job_id", "task_id", "function")
+#: What a lock or a claim records of the call holding it (:func:`claim_record`).
+CLAIM_KEYS = (*IDENTITY_KEYS, "call", "attempt")
 
 HINT_OTHER_URI = "give each call its own output_uri (e.g. add {call_id}) or conflict='overwrite'"
 
@@ -52,15 +56,40 @@ def run_record(
         "job_id": job_id,
         "task_id": task_id,
         "call": "1",
+        "attempt": 0,
         "status": "succeeded",
         **more,
     }
 
 
-def same_call(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """True when ``a`` and ``b`` were written by the same call (its attempts included)."""
-    ia = identity(a)
-    return ia is not None and ia == identity(b)
+def claim_record(run: Mapping[str, Any]) -> dict[str, Any]:
+    """What a lock or claim records of the call holding it (enough for :func:`same_call`)."""
+    return {k: run.get(k) for k in CLAIM_KEYS}
+
+
+def same_call(existing: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
+    """True when ``existing`` (a committed run's record, a lock, a claim) was written by the
+    call ``run`` describes: by an earlier attempt of its task and function (whatever order a
+    retry makes its calls in), or earlier in this same attempt by this same call (a
+    ``sync_every`` checkpoint)."""
+    ie = identity(existing)
+    if ie is None or ie != identity(run):
+        return False
+    a, b = existing.get("attempt"), run.get("attempt")
+    if isinstance(a, int) and isinstance(b, int) and a != b:
+        return a < b  # a later attempt's run is never taken over by an older attempt
+    return existing.get("call") == run.get("call")
+
+
+def same_commit(committed: Mapping[str, Any], described: Mapping[str, Any]) -> bool:
+    """True when the run committed at a URI is still the one an
+    :class:`~raysync.ExportResult` describes (not replaced since, even by a retry)."""
+    return (
+        identity(committed) is not None
+        and identity(committed) == identity(described)
+        and committed.get("attempt") == described.get("attempt")
+        and committed.get("call") == described.get("call")
+    )
 
 
 @dataclass(frozen=True)
@@ -91,6 +120,7 @@ def decide(
     leftover_owner: Mapping[str, Any] | None = None,
     inside: str | None = None,
     unlisted: Sequence[str] = (),
+    nested: Sequence[str] = (),
 ) -> Decision:
     """The conflict decision for one export, the same for every backend.
 
@@ -107,8 +137,17 @@ def decide(
     :param unlisted: what the committed run at the destination holds that its manifest does
         not list (another run inside it, files put there by hand): replacing the run would
         delete them.
+    :param nested: runs (manifests, locks, claims) found *below* the destination: writing or
+        replacing this run would delete them.
     :raises RunExistsError: with one wording per case, when the export may not write here.
     """
+    if nested:
+        raise RunExistsError(
+            f"another run lies inside this destination ({sorted(nested)[0]!r}); writing "
+            "this run here would delete it",
+            uri=uri,
+            hint="export next to that run, not around it, or move it out first",
+        )
     if inside is not None:
         raise RunExistsError(
             f"this destination lies inside the committed run {inside}; a run inside another "

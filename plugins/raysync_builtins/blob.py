@@ -315,9 +315,7 @@ class BlobBackend:
         export, whatever the conflict policy: two calls never write one run at once. A lock
         left by an earlier attempt of this call is taken over."""
         run_record = request.manifest.run
-        body = json.dumps(
-            {k: run_record.get(k) for k in (*rules.IDENTITY_KEYS, "function", "attempt")}
-        ).encode()
+        body = json.dumps(rules.claim_record(run_record)).encode()
         lock_path = f"{run}/{LOCK_NAME}"
         self._look(fs, run, request, opts, shown)  # refuse before writing anything
         for _ in range(3):
@@ -361,6 +359,7 @@ class BlobBackend:
         holder = self._holder(fs, lock_path, opts) if lock_path in found else None
         existing = self._read_manifest(fs, run, shown, opts) if manifest_path in found else None
         others = [k for k in found if k not in (lock_path, manifest_path)]
+        nested = [k for k in others if k.rsplit("/", 1)[-1] in (MANIFEST_NAME, LOCK_NAME)]
         own_lock = holder is not None and rules.same_call(holder, request.manifest.run)
         unlisted: list[str] = []
         if existing is not None:
@@ -378,6 +377,7 @@ class BlobBackend:
             leftover_owner=holder if existing is None and not own_lock else None,
             inside=self._enclosing_run(fs, run, opts),
             unlisted=unlisted,
+            nested=[k[len(run) + 1 :] for k in nested],
         )
         if existing is not None and holder is not None and not own_lock:
             # A committed run that another call is replacing right now.
@@ -393,18 +393,18 @@ class BlobBackend:
 
     @staticmethod
     def _enclosing_run(fs: Any, run: str, opts: Options) -> str | None:
-        """A committed run in a prefix above ``run`` (up to the bucket), if there is one."""
+        """A run (committed, or being written: its lock) in a prefix above ``run`` (up to
+        the bucket), if there is one."""
         parts = run.split("/")
         for n in range(len(parts) - 1, 0, -1):
             prefix = "/".join(parts[:n])
             if not prefix.strip("/"):
                 break
             fs.invalidate_cache(prefix)
-            path = f"{prefix}/{MANIFEST_NAME}"
-            if with_retries(
-                "looking for an enclosing run", functools.partial(fs.exists, path), opts
-            ):
-                return prefix
+            for name in (MANIFEST_NAME, LOCK_NAME):
+                look = functools.partial(fs.exists, f"{prefix}/{name}")
+                if with_retries("looking for an enclosing run", look, opts):
+                    return prefix
         return None
 
     @staticmethod
@@ -745,7 +745,7 @@ class BlobBackend:
         committed = self._read_manifest(fs, run, shown, opts)
         if committed is None:
             raise MaterializeError(f"{shown} has no manifest: the run is incomplete or gone")
-        if not rules.same_call(committed.run, result.manifest.run):
+        if not rules.same_commit(committed.run, result.manifest.run):
             raise IntegrityError(
                 "the run at this URI was replaced by another call", uri=shown, bad=[MANIFEST_NAME]
             )

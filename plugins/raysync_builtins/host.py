@@ -156,7 +156,7 @@ class HostSink:
         for sid, s in list(self.sessions.items()):
             if s.dest == path and rules.same_call(s.run, run):
                 self._drop(sid)
-        decision = check_conflict(path, run=run, conflict=conflict, uri=uri, root=root)
+        decision = check_conflict(path, run=run, conflict=conflict, uri=uri)
         staging = staging_dir(path)
         makedirs(staging.parent)
         staging.mkdir()

@@ -64,8 +64,7 @@ class LocalCopyBackend:
         uri = f"file://{dest}"
         run = request.manifest.run
         check_visible(request.prepared, dest, uri)
-        root = Path(request.prepared["root"])
-        decision = check_conflict(dest, run=run, conflict=request.conflict, uri=uri, root=root)
+        decision = check_conflict(dest, run=run, conflict=request.conflict, uri=uri)
         # Incremental: files the run being replaced already holds are linked (and re-hashed),
         # not copied.
         reuse = plan_reuse(request.files, decision.previous, request.checksum)

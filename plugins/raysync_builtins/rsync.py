@@ -398,6 +398,30 @@ def _prune(staging: Path, keep: set[str]) -> None:
             os.remove(os.path.join(staging, path))
 
 
+def _remove_partial_dirs(root: Path) -> None:
+    """Remove every rsync partial dir under ``root`` (rsync keeps one per destination
+    directory; a killed transfer leaves them): a committed run holds only its files."""
+    stack = [os.fspath(root)]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                subdirs = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for sub in subdirs:
+            if os.path.basename(sub) == PARTIAL_DIR:
+                remove_tree(sub)
+            else:
+                stack.append(sub)
+
+
+def _rsync_internal(path: str) -> bool:
+    """A path rsync itself keeps in a run directory (a partial dir, --delay-updates' temp
+    dir): left by a killed transfer, it is not anyone's data."""
+    return any(p in (PARTIAL_DIR, ".~tmp~") for p in path.split("/"))
+
+
 def hash_entries(files: list[FileEntry], algorithm: str) -> None:
     """Set every entry's digest (read once, in parallel with rsync reading the same pages)."""
     for entry in files:
@@ -448,7 +472,12 @@ def unchanged_since_scan(files: list[FileEntry]) -> None:
 
 
 class _Contended(Exception):
-    """Another call holds a claim on the run right now: wait and look again."""
+    """Another call holds a claim on the run right now: withdraw, wait and look again."""
+
+
+class _Hold(Exception):
+    """Another call claimed at the same moment and will withdraw: keep the claim, look
+    again."""
 
 
 def _parents(path: str) -> list[str]:
@@ -574,8 +603,7 @@ class RsyncBackend:
         dest = Path(remote.path)
         run = request.manifest.run
         check_visible(request.prepared, dest, uri)
-        root = Path(request.prepared["root"])
-        decision = check_conflict(dest, run=run, conflict=request.conflict, uri=uri, root=root)
+        decision = check_conflict(dest, run=run, conflict=request.conflict, uri=uri)
         reuse = plan_reuse(request.files, decision.previous, request.checksum)
         staging = staging_dir(dest, _staging_tag(run))
         try:
@@ -603,7 +631,7 @@ class RsyncBackend:
             send = [e for e in request.files if e.path not in linked]
             self._transfer(request, rsync, str(staging) + "/", files=send, hash_sources=False)
             # rsync removes its emptied partial dirs; check anyway, then hash what was staged.
-            remove_tree(staging / PARTIAL_DIR)
+            _remove_partial_dirs(staging)
             _hash_staged(staging, send, request.checksum)
             unchanged_since_scan(send)
             (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
@@ -628,13 +656,9 @@ class RsyncBackend:
         it withdraws (of two calls that claim at once, at least the later one sees the other,
         and neither writes a byte of data before its look)."""
         run = request.manifest.run
-        mine = f"{CLAIM_NAME}-{secrets.token_hex(8)}"
         with temporary_dir("raysync-rsync-meta-") as meta:
             (meta / "empty").mkdir()
-            (meta / mine).write_bytes(
-                json.dumps({k: run.get(k) for k in (*rules.IDENTITY_KEYS, "function")}).encode()
-            )
-            stale = self._claim_remote(rsync, remote, uri, run, request.conflict, meta, mine)
+            mine, stale = self._claim_remote(rsync, remote, uri, run, request.conflict, meta)
             sent = False
             try:
                 # Every source readable and unchanged before the old run is touched: a tree
@@ -669,28 +693,49 @@ class RsyncBackend:
         run: Mapping[str, Any],
         conflict: str,
         meta: Path,
-        mine: str,
-    ) -> list[str]:
-        """Claim the run as ``mine``: look (nothing is written where the rules refuse),
-        claim, look again. Calls that claim at the same moment see each other and both
-        withdraw; each tries again after a random wait, so one of them gets the run and the
-        other then finds it claimed or committed. Returns this call's dead attempts' claims."""
-        rounds = 4
+    ) -> tuple[str, list[str]]:
+        """Claim the run: look (nothing is written where the rules refuse), claim under a new
+        name of this call's own, look again. Calls that claim at the same moment see each
+        other and both withdraw; each tries again after a random wait, so one of them gets
+        the run and the other then finds it claimed or committed. Returns the claim's name
+        and the claims this call's dead attempts left."""
+        rounds = 5
+        body = json.dumps(rules.claim_record(run)).encode()
+        mine: str | None = None
         for n in range(rounds):
             last = n == rounds - 1
             try:
-                self._decide_remote(rsync, remote, uri, run, conflict, mine=None, wait=not last)
-                rsync.run_with_retries(["-a", f"{meta}/{mine}", remote.url(mine)], "claim")
+                if mine is None:
+                    self._decide_remote(rsync, remote, uri, run, conflict, mine=None, wait=not last)
+                    mine = f"{CLAIM_NAME}-{secrets.token_hex(8)}"
+                    (meta / mine).write_bytes(body)
+                    self._send_claim(rsync, remote, meta, mine)
                 try:
-                    return self._decide_remote(
+                    stale = self._decide_remote(
                         rsync, remote, uri, run, conflict, mine=mine, wait=not last
                     )
+                    return mine, stale
+                except _Hold:
+                    time.sleep(random.uniform(0.05, 0.15))  # noqa: S311 - the other withdraws
                 except BaseException:
                     self._clear_remote(rsync, remote, meta / "empty", [mine], everything=False)
+                    mine = None
                     raise
             except _Contended:
                 time.sleep(random.uniform(0.05, 0.2) * 2**n)  # noqa: S311 - jitter
         raise AssertionError("unreachable: the last round raises RunExistsError")
+
+    @staticmethod
+    def _send_claim(rsync: Rsync, remote: Remote, meta: Path, mine: str) -> None:
+        for tries in range(3):
+            try:
+                rsync.run_with_retries(["-a", f"{meta}/{mine}", remote.url(mine)], "claim")
+                return
+            except RsyncFailed as e:
+                # Two calls creating the run's new directory at once: rsync's --mkpath of
+                # the loser fails with EEXIST; the directory is there now.
+                if "File exists" not in e.stderr or tries == 2:
+                    raise
 
     def _decide_remote(
         self,
@@ -707,7 +752,7 @@ class RsyncBackend:
         holding the claim ``mine``); return the claims this call's dead attempts left. With
         ``wait``, another call's claim raises :class:`_Contended` (try again) instead of
         :class:`RunExistsError`."""
-        if mine is None:
+        if mine is not None:  # holding the claim: no run above, committed or being written
             inside = self._enclosing_run(rsync, remote)
             if inside is not None:
                 rules.decide(
@@ -730,7 +775,10 @@ class RsyncBackend:
                 stale.append(name)  # an attempt of this call that died: ours
                 continue
             if wait:
-                raise _Contended
+                # Two claims at once: the smaller name keeps its claim and looks again, the
+                # other withdraws and waits (either way, a call goes on only after a look
+                # that shows no other claim).
+                raise _Hold if mine is not None and mine < name else _Contended
             rules.decide(
                 existing=None,
                 occupied=True,
@@ -748,9 +796,21 @@ class RsyncBackend:
         if existing is not None and mine is not None:
             listed = {f.path for f in existing.files}
             dirs = {d for f in existing.files for d in _parents(f.path)}
-            unlisted = [n for n in names if n not in ours and n not in listed and n not in dirs]
+            unlisted = [
+                n
+                for n in names
+                if n not in ours and n not in listed and n not in dirs and not _rsync_internal(n)
+            ]
+        nested = [
+            n
+            for n in names
+            if "/" in n
+            and not _rsync_internal(n)
+            and (n.endswith("/" + MANIFEST_NAME) or n.rsplit("/", 1)[-1].startswith(CLAIM_NAME))
+        ]
         rules.decide(
             existing=existing,
+            nested=nested,
             occupied=any(n not in ours for n in top) and not stale,
             run=run,
             conflict=conflict,
@@ -762,20 +822,21 @@ class RsyncBackend:
 
     @staticmethod
     def _enclosing_run(rsync: Rsync, remote: Remote) -> str | None:
-        """A committed run in a directory above the run (up to the daemon module, or the
-        remote root's first directory), nearest first: one listing per directory."""
+        """A run (committed, or claimed by a call writing it) in a directory above the run
+        (up to the daemon module, or the remote root's first directory), nearest first."""
         parts = remote.path.strip("/").split("/")
         lead = "" if remote.mode == "daemon" else "/"
         for n in range(len(parts) - 1, 0, -1):
             path = lead + "/".join(parts[:n])
             above = Remote(remote.mode, path, remote.host, remote.port, remote.user)
-            try:
-                rsync.run(["--list-only", "--", above.url(MANIFEST_NAME)], "look above the run")
-            except RsyncFailed as e:
-                if e.code == 23:  # no manifest there
-                    continue
-                raise
-            return above.url()
+            for name in (MANIFEST_NAME, f"{CLAIM_NAME}-*"):  # rsync expands the wildcard
+                try:
+                    rsync.run(["--list-only", "--", above.url(name)], "look above the run")
+                except RsyncFailed as e:
+                    if e.code == 23:  # nothing of that name there
+                        continue
+                    raise
+                return above.url()
         return None
 
     @staticmethod

@@ -146,7 +146,7 @@ class ZipBackend:
             raise MaterializeError(f"{shown} does not exist")
         with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
             committed = Manifest.from_bytes(zf.read(MANIFEST_NAME), uri=shown)
-            if not rules.same_call(committed.run, result.manifest.run):
+            if not rules.same_commit(committed.run, result.manifest.run):
                 raise IntegrityError(
                     "the archive was replaced by another call", uri=shown, bad=[MANIFEST_NAME]
                 )
