@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from raysync.copy import KnownDigests, fs_type
-from raysync.manifest import Manifest, scan
+from raysync.manifest import scan
 
 KIB, MIB = 1024, 1024 * 1024
 
@@ -193,29 +193,21 @@ def _export(
 ) -> list[Any]:
     """One call's export through the registry, as the core does it: the driver's
     ``prepare`` (cheap, repeated here) and the worker's ``export``."""
-    from raysync.backend import ExportRequest
+    from raysync.exporting import export_once, prepare
     from raysync.registry import get_registry
     from raysync.rules import run_record
     from raysync.target import Target
 
-    files = scan(root, ["export"]) if files is None else files
-    manifest = Manifest(files=files, run=run_record("raysync.bench", task_id), trees=["export"])
     backend = get_registry().for_scheme(scheme)
-    prepared = (
-        backend.prepare(Target(prepare_uri or uri, scheme, options))
-        if backend.capabilities.needs_driver
-        else {}
-    )
-    backend.export(
-        ExportRequest(
-            target=Target(uri, scheme, options),
-            files=files,
-            manifest=manifest,
-            workspace=root,
-            conflict=conflict,  # type: ignore[arg-type]
-            task_id=task_id,
-            prepared=prepared,
-        )
+    files, _, _ = export_once(
+        backend,
+        Target(uri, scheme, options),
+        root,
+        run_record("raysync.bench", task_id),
+        trees=["export"],
+        conflict=conflict,
+        prepared=prepare(backend, Target(prepare_uri or uri, scheme, options)),
+        files=files,
     )
     return files
 

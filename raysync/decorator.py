@@ -28,8 +28,8 @@ from typing import Any, TypeVar, cast
 import ray
 
 from raysync import checksum as checksum_mod
-from raysync import driver, redaction, workspace
-from raysync.backend import CONFLICT_POLICIES, Conflict, ExportOutcome, ExportRequest
+from raysync import driver, rayshim, redaction, workspace
+from raysync.backend import CONFLICT_POLICIES, Conflict, ExportOutcome
 from raysync.copy import KnownDigests
 from raysync.errors import (
     ConfigError,
@@ -39,8 +39,9 @@ from raysync.errors import (
     RunExistsError,
     TemplateError,
 )
+from raysync.exporting import export_once
 from raysync.hookspecs import ExportBackend
-from raysync.manifest import FileEntry, Manifest, scan, tree_names
+from raysync.manifest import FileEntry, Manifest, tree_names
 from raysync.redaction import redact_error
 from raysync.registry import get_registry
 from raysync.result import ExportResult, ExportStats
@@ -231,18 +232,17 @@ def _decorate(obj: Any, cfg: _Config) -> Any:
     from ray.remote_function import RemoteFunction
 
     if isinstance(obj, RemoteFunction):
-        wrapped = _wrap_function(obj._function, cfg)
-        opts = dict(obj._default_options)
+        fn, opts = rayshim.remote_function_parts(obj)
+        wrapped = _wrap_function(fn, cfg)
         return ray.remote(**opts)(wrapped) if opts else ray.remote(wrapped)
     if isinstance(obj, ActorClass):
-        original = obj.__ray_metadata__.modified_class.__ray_actor_class__
+        original, opts = rayshim.actor_class_parts(obj)
         sub = type(
             original.__name__,
             (original,),
             {"__module__": original.__module__, "__qualname__": original.__qualname__},
         )
         _wrap_methods(sub, original, cfg)
-        opts = dict(obj._default_options)
         return ray.remote(**opts)(sub) if opts else ray.remote(sub)
     if inspect.isclass(obj):
         _wrap_methods(obj, obj, cfg)
@@ -346,22 +346,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _attempt() -> int:
-    try:
-        core = ray._private.worker.global_worker.core_worker
-        return int(core.get_current_task_attempt_number())
-    except Exception:  # noqa: BLE001 - outside a task (direct call on the driver)
-        return 0
-
-
-def _session_name(ctx: Any) -> str:
-    """The Ray cluster session's name (``session_<date>_<pid>``): unique per cluster start."""
-    get = getattr(ctx, "get_session_name", None)  # public in newer Ray; else the node's
-    if get is not None:
-        return str(get())
-    return str(ray._private.worker.global_worker.node.session_name)
-
-
 def call_id(session: str, job_id: str, task_id: str, function: str, ordinal: int = 1) -> str:
     """The ``{call_id}`` template field: the Ray task id and a digest of the cluster session,
     the job, the function and which call of it this is in its task, so that it differs across
@@ -402,8 +386,8 @@ def _begin(
     job_id = (ctx.get_job_id() if ctx else None) or "local"
     # Ray task ids repeat across clusters: the session (one per cluster start) and the job
     # make "an earlier attempt of this call" mean this call (DESIGN invariant 7).
-    session = _session_name(ctx) if ctx else "local"
-    attempt = _attempt()
+    session = rayshim.session_name(ctx) if ctx else "local"
+    attempt = rayshim.attempt_number()
     ordinal = _ordinal(task_id, attempt, cfg.function)
     record = driver.lookup(cfg.key)
     if cfg.backend.capabilities.needs_driver and record is None:
@@ -459,29 +443,21 @@ def _start(call: _Call) -> None:
 
 
 def _export(call: _Call, run: dict[str, Any]) -> tuple[list[FileEntry], Manifest, ExportOutcome]:
-    """Scan the trees and export them once. Digests an earlier export of this call computed
-    are reused for files whose fingerprint has not changed, so the backend's incremental
-    export can skip them without reading them."""
+    """Scan the trees and export them once (:func:`raysync.exporting.export_once`). Digests
+    an earlier export of this call computed are reused for files whose fingerprint has not
+    changed, so the backend's incremental export can skip them without reading them."""
     assert call.ws is not None
-    began_ns = time.time_ns()
-    files = scan(call.ws.root, call.cfg.trees)
-    call.known.apply(files)
-    manifest = Manifest(
-        files=files, run=run, trees=list(call.cfg.trees), checksum=call.cfg.checksum
+    return export_once(
+        call.cfg.backend,
+        call.target,
+        call.ws.root,
+        run,
+        trees=call.cfg.trees,
+        conflict=call.cfg.conflict,
+        prepared=call.prepared,
+        checksum=call.cfg.checksum,
+        known=call.known,
     )
-    outcome = call.cfg.backend.export(
-        ExportRequest(
-            target=call.target,
-            files=files,
-            manifest=manifest,
-            workspace=call.ws.root,
-            conflict=call.cfg.conflict,
-            task_id=call.task_id,
-            prepared=call.prepared,
-        )
-    )
-    call.known.remember(files, began_ns)
-    return files, manifest, outcome
 
 
 class _Syncer:

@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from raysync import rayshim
 from raysync.backend import Capabilities
 from raysync.target import Target
 
@@ -38,8 +39,7 @@ class Prepared:
 
 def is_driver() -> bool:
     """True in a Ray driver process (or before ``ray.init``), False inside workers."""
-    worker = ray._private.worker.global_worker
-    return bool(getattr(worker, "mode", None) != ray._private.worker.WORKER_MODE)
+    return rayshim.is_driver()
 
 
 def _kv_key(job_id: str, target_key: str) -> bytes:
@@ -95,13 +95,8 @@ def publish(key: str) -> None:
         _published.add((job_id, key))
     record = _make_record(pending)
     _local[key] = record
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(
-        _kv_key(job_id, key),
-        json.dumps(record.__dict__).encode(),
-        overwrite=True,
-        namespace=_KV_NAMESPACE,
+    rayshim.kv_put(
+        _kv_key(job_id, key), json.dumps(record.__dict__).encode(), namespace=_KV_NAMESPACE
     )
 
 
@@ -128,10 +123,8 @@ def lookup(key: str) -> Prepared | None:
         if record is None and pending is not None:
             record = _local[key] = _make_record(pending)
         return record
-    from ray.experimental import internal_kv
-
     job_id = ray.get_runtime_context().get_job_id()
-    raw = internal_kv._internal_kv_get(_kv_key(job_id, key), namespace=_KV_NAMESPACE)
+    raw = rayshim.kv_get(_kv_key(job_id, key), namespace=_KV_NAMESPACE)
     if raw is None:
         return None
     return Prepared(**json.loads(raw))
@@ -140,9 +133,7 @@ def lookup(key: str) -> Prepared | None:
 def install_init_hook() -> None:
     """Publish pending targets right after ``ray.init()`` on the driver.
 
-    Ray offers no public post-init hook; ``_post_init_hooks`` has existed since Ray 1.x. Where
+    Ray offers no public post-init hook (:func:`raysync.rayshim.add_post_init_hook`). Where
     it is missing, decoration after ``ray.init`` still publishes immediately.
     """
-    hooks = getattr(ray._private.worker, "_post_init_hooks", None)
-    if isinstance(hooks, list) and _on_ray_init not in hooks:
-        hooks.append(_on_ray_init)
+    rayshim.add_post_init_hook(_on_ray_init)

@@ -34,10 +34,10 @@ from typing import Any
 import pytest
 
 from raysync import checksum
-from raysync.backend import ExportRequest
 from raysync.errors import ConfigError, MaterializeError, RaySyncError, RunExistsError
+from raysync.exporting import export_once, prepare
 from raysync.hookspecs import ExportBackend
-from raysync.manifest import FileEntry, Manifest, scan
+from raysync.manifest import FileEntry, scan
 from raysync.registry import get_registry
 from raysync.result import ExportResult, ExportStats
 from raysync.rules import run_record
@@ -115,24 +115,16 @@ class BackendConformance:
     ) -> ExportResult:
         """What the core does for one call: prepare (driver), export (worker)."""
         backend = self.backend()
-        prepared = backend.prepare(self.target(ct)) if backend.capabilities.needs_driver else {}
-        entries = scan(ws, ["export", "data", "artifacts"]) if files is None else files
-        manifest = Manifest(
-            files=entries,
-            run=conformance_run(task_id),
-            trees=["export"],
+        entries, manifest, outcome = export_once(
+            backend,
+            self.target(ct, run),
+            ws,
+            conformance_run(task_id),
+            trees=["export", "data", "artifacts"],
+            conflict=conflict,
+            prepared=prepare(backend, self.target(ct)),
+            files=files,
             checksum=algorithm,
-        )
-        outcome = backend.export(
-            ExportRequest(
-                target=self.target(ct, run),
-                files=entries,
-                manifest=manifest,
-                workspace=ws,
-                conflict=conflict,  # type: ignore[arg-type]
-                task_id=task_id,
-                prepared=dict(prepared),
-            )
         )
         return ExportResult(
             value=None,

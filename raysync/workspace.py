@@ -24,6 +24,7 @@ from pathlib import Path
 
 import ray
 
+from raysync import rayshim
 from raysync.errors import TreeError
 from raysync.fsops import remove_tree
 
@@ -138,12 +139,9 @@ def _cwd() -> Path | None:
 
 
 def _base_dir() -> Path:
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None:
-        try:
-            return Path(node.get_session_dir_path()) / "raysync_workspaces"
-        except Exception:  # noqa: BLE001 - fall back to the temp dir below
-            log.debug("no Ray session dir; using the temp dir for workspaces")
+    session = rayshim.session_dir()
+    if session is not None:
+        return Path(session) / "raysync_workspaces"
     return Path(tempfile.gettempdir()) / "raysync_workspaces"
 
 

@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from raysync.backend import ExportOutcome, ExportRequest
-from raysync.manifest import FileEntry, Manifest, scan
+from raysync.backend import ExportOutcome
+from raysync.exporting import export_once, prepare
+from raysync.manifest import FileEntry
 from raysync.registry import get_registry
 from raysync.target import Target
 from raysync.testing import conformance_run
@@ -45,22 +46,16 @@ def raw_export(
     backend = get_registry().for_scheme(target.scheme)
     template = template or uri.rsplit("/", 1)[0] + "/{run}"
     root = Target(template, target.scheme, target.options, os.getcwd())
-    prepared = backend.prepare(root) if backend.capabilities.needs_driver else {}
     if ws is None:
         ws = workspace(files or {})
-    if entries is None:
-        entries = scan(ws, ["export", "data", "artifacts"])
-    manifest = Manifest(
-        files=entries, run=run or conformance_run(f"raw-{uuid.uuid4().hex[:8]}"), trees=["export"]
+    _, _, outcome = export_once(
+        backend,
+        target,
+        ws,
+        run or conformance_run(f"raw-{uuid.uuid4().hex[:8]}"),
+        trees=["export", "data", "artifacts"],
+        conflict=conflict,
+        prepared=prepare(backend, root),
+        files=entries,
     )
-    return backend.export(
-        ExportRequest(
-            target=target,
-            files=entries,
-            manifest=manifest,
-            workspace=ws,
-            conflict=conflict,  # type: ignore[arg-type]
-            task_id=str(manifest.run["task_id"]),
-            prepared=dict(prepared),
-        )
-    )
+    return outcome

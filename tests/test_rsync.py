@@ -345,3 +345,46 @@ def test_no_user_string_reaches_rsyncs_command_line(tmp_path: Path) -> None:
     assert pw.env()["RSYNC_PASSWORD"] == "s3cret-pw"
     assert not any("s3cret-pw" in a for a in pw.base_args())
     assert "s3cret-pw" not in repr(Options(password="s3cret-pw"))
+
+
+def test_rsync_dies_with_the_worker_that_started_it(tmp_path: Path) -> None:
+    """A worker killed mid-export (the OOM killer) must not leave its rsync writing into a
+    staging directory that the call's retry will commit."""
+    import subprocess
+    import sys
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("util-linux's setpriv is not installed (Debian has it in every system)")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "big.bin").write_bytes(random.randbytes(4 * 1024 * 1024))
+    script = (
+        "import sys\n"
+        "sys.path.insert(0, 'plugins')\n"
+        "from raysync_builtins.rsync import Options, Remote, Rsync\n"
+        "r = Rsync(Options.parse({'bwlimit': 100}), Remote('mount', sys.argv[2]))\n"
+        "r.run(['-a', sys.argv[1] + '/', sys.argv[2] + '/'], 'data')\n"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script, str(src), str(dst)], cwd=Path(__file__).parents[1]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        children: list[psutil.Process] = []
+        while time.monotonic() < deadline and not children:
+            children = [
+                p
+                for p in psutil.Process(worker.pid).children(recursive=True)
+                if "rsync" in p.name()
+            ]
+            time.sleep(0.1)
+        assert children, "rsync did not start"
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == [], f"rsync outlived its worker: {alive}"
+    finally:
+        worker.kill()
+        for p in psutil.process_iter(["cmdline"]):
+            if str(dst) in " ".join(p.info["cmdline"] or []):
+                p.kill()

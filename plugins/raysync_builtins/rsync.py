@@ -30,6 +30,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -136,6 +137,14 @@ class Options:
             raise ConfigError("storage_options['rsync_binary'] must be a path or program name")
         return cls(**values)
 
+
+#: rsync dies with the process that started it (Linux: util-linux ``setpriv``). A worker
+#: killed mid-export (the OOM killer, a node drain) would otherwise leave its rsync running,
+#: writing into a staging directory that the call's retry then commits, or into a remote run
+#: after the retry committed it. Ray does not kill a dead worker's children by default. The
+#: signal is sent when the *thread* that started rsync ends; that thread waits for rsync.
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+_DIE_WITH_PARENT = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 #: Characters rsync's remote side expands as wildcards (and its escape character).
 _WILDCARDS = ("*", "?", "[", "]", "\\")
@@ -312,7 +321,7 @@ class Rsync:
         """Run rsync once; log progress; raise RsyncFailed on a non-zero exit.
 
         ``record`` adds what rsync reports to :attr:`stats` (the data transfer's figures)."""
-        argv = self.base_args() + args
+        argv = _DIE_WITH_PARENT + self.base_args() + args
         log.debug("raysync: running %s", argv)
         proc = subprocess.Popen(  # an argument list built by raysync, never a shell
             argv,
