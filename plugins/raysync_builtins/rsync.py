@@ -266,8 +266,8 @@ class RsyncStats:
 class RsyncFailed(Exception):
     """One rsync run failed: its exit code and what it said."""
 
-    def __init__(self, code: int, stderr: str) -> None:
-        self.code, self.stderr = code, stderr
+    def __init__(self, code: int, stderr: str, stdout: str = "") -> None:
+        self.code, self.stderr, self.stdout = code, stderr, stdout
         super().__init__(f"rsync exited with {code}: {stderr.strip()[-800:]}")
 
     @property
@@ -354,7 +354,7 @@ class Rsync:
         reader.join()
         text = bytes(out).decode(errors="replace")
         if code != 0:
-            raise RsyncFailed(code, b"".join(err_chunks).decode(errors="replace"))
+            raise RsyncFailed(code, b"".join(err_chunks).decode(errors="replace"), text)
         if record:
             self.stats.add(text)
         return text
@@ -832,21 +832,42 @@ class RsyncBackend:
     @staticmethod
     def _enclosing_run(rsync: Rsync, remote: Remote) -> str | None:
         """A run (committed, or claimed by a call writing it) in a directory above the run
-        (up to the daemon module, or the remote root's first directory), nearest first."""
+        (up to the daemon module, or the remote root's first directory), the nearest one.
+
+        One filtered recursive listing from the top directory walks only the chain of
+        directories down to the run's parent and shows only their manifests and claims (the
+        path holds no wildcard characters: :meth:`Remote.parse` refuses them)."""
         parts = remote.path.strip("/").split("/")
+        if len(parts) < 2:
+            return None
         lead = "" if remote.mode == "daemon" else "/"
-        for n in range(len(parts) - 1, 0, -1):
-            path = lead + "/".join(parts[:n])
-            above = Remote(remote.mode, path, remote.host, remote.port, remote.user)
-            for name in (MANIFEST_NAME, f"{CLAIM_NAME}-*"):  # rsync expands the wildcard
-                try:
-                    rsync.run(["--list-only", "--", above.url(name)], "look above the run")
-                except RsyncFailed as e:
-                    if e.code == 23:  # nothing of that name there
-                        continue
-                    raise
-                return above.url()
-        return None
+        top = Remote(remote.mode, lead + parts[0], remote.host, remote.port, remote.user)
+        chain = ["/".join(parts[1:n]) for n in range(1, len(parts))]  # "" is the top itself
+        filters: list[str] = []
+        for d in chain:
+            at = f"/{d}/" if d else "/"
+            filters += [f"--filter=+ {at}{MANIFEST_NAME}", f"--filter=+ {at}{CLAIM_NAME}-*"]
+            if d:
+                filters.append(f"--filter=+ /{d}/")
+        filters.append("--filter=- *")
+        try:
+            out = rsync.run(["--list-only", "-r", *filters, "--", top.url() + "/"], "look above")
+        except RsyncFailed as e:
+            if e.code != 23:  # 23: the top directory is not there (a new tree)
+                raise
+            out = e.stdout
+        runs = []
+        for m in map(_LISTED.match, out.splitlines()):
+            if m is None:
+                continue
+            name = m.group(1)
+            folder, _, base = name.rpartition("/")
+            if base == MANIFEST_NAME or base.startswith(CLAIM_NAME):
+                runs.append(folder)
+        if not runs:
+            return None
+        nearest = max(runs, key=len)
+        return top.url(nearest) if nearest else top.url()
 
     @staticmethod
     def _read_remote_claim(rsync: Rsync, remote: Remote, name: str, uri: str) -> bytes | None:
