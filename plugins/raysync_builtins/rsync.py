@@ -761,17 +761,8 @@ class RsyncBackend:
         holding the claim ``mine``); return the claims this call's dead attempts left. With
         ``wait``, another call's claim raises :class:`_Contended` (try again) instead of
         :class:`RunExistsError`."""
-        if mine is not None:  # holding the claim: no run above, committed or being written
-            inside = self._enclosing_run(rsync, remote)
-            if inside is not None:
-                rules.decide(
-                    existing=None,
-                    occupied=False,
-                    run=run,
-                    conflict=conflict,
-                    uri=uri,
-                    inside=inside,
-                )
+        # Holding the claim: no run above, committed or being written.
+        inside = self._enclosing_run(rsync, remote) if mine is not None else None
         names = self._list_remote(rsync, remote, recursive=mine is not None)
         top = [n for n in names if "/" not in n]
         claims = [n for n in top if n.startswith(CLAIM_NAME) and n != mine]
@@ -819,6 +810,7 @@ class RsyncBackend:
         ]
         rules.decide(
             existing=existing,
+            inside=inside,
             nested=nested,
             occupied=any(n not in ours for n in top) and not stale,
             run=run,
