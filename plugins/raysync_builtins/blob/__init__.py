@@ -48,7 +48,7 @@ from raysync.errors import (
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
 from raysync.result import ExportResult, place_files
 from raysync.target import Target, redact, split_scheme
-from raysync_builtins.blobstore import (
+from raysync_builtins.blob.store import (
     ByteBudget,
     Options,
     cat_literal,
