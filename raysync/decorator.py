@@ -13,42 +13,39 @@ import hashlib
 import inspect
 import os
 import socket
-import sys
 import threading
 import time
 import traceback
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import ray
 
 from raysync import checksum as checksum_mod
 from raysync import driver, rayshim, redaction, workspace
-from raysync.backend import CONFLICT_POLICIES, Conflict, ExportOutcome
+from raysync.backend import Conflict, ExportOutcome
+from raysync.checkpoints import Checkpoints
+from raysync.config import Config, make_config
 from raysync.copy import KnownDigests
 from raysync.errors import (
     ConfigError,
     DestinationNotVisibleError,
     ExportError,
     RaySyncError,
-    RunExistsError,
     TemplateError,
 )
 from raysync.exporting import export_once
 from raysync.hookspecs import ExportBackend
-from raysync.manifest import FileEntry, Manifest, tree_names
+from raysync.identity import call_id, function_name, ordinal_in_task
+from raysync.manifest import FileEntry, Manifest
 from raysync.redaction import redact_error
-from raysync.registry import get_registry
 from raysync.result import ExportResult, ExportStats
 from raysync.target import (
     BUILTIN_FIELDS,
     Target,
-    check_template,
     redact,
     render,
     template_fields,
@@ -60,23 +57,6 @@ log = redaction.logger("raysync")
 #: chdir-mode calls in one process take turns: cwd and environment are process-wide.
 _CHDIR_LOCK = threading.RLock()
 _ASYNC_LOCKS: dict[int, asyncio.Lock] = {}
-
-
-@dataclass(frozen=True)
-class _Config:
-    target: Target
-    trees: tuple[str, ...]
-    backend: ExportBackend
-    env: Mapping[str, str]
-    export_on_failure: bool
-    conflict: Conflict
-    chdir: bool
-    keep_workspace: bool
-    checksum: str = checksum_mod.DEFAULT
-    sync_every: float | None = None
-    key: str = ""
-    function: str = ""
-    fields: tuple[str, ...] = field(default_factory=tuple)
 
 
 def isolated_export(
@@ -124,7 +104,7 @@ def isolated_export(
     existing ``ray.remote`` function or actor class. Every decorated call returns an
     :class:`raysync.ExportResult`.
     """
-    cfg = _make_config(
+    cfg = make_config(
         output_uri,
         trees,
         backend,
@@ -144,90 +124,7 @@ def isolated_export(
     return decorate
 
 
-def _make_config(
-    output_uri: str | None,
-    trees: Sequence[str],
-    backend: str | ExportBackend | None,
-    storage_options: Mapping[str, Any] | None,
-    env: Mapping[str, str] | None,
-    export_on_failure: bool,
-    conflict: str,
-    chdir: bool,
-    keep_workspace: bool,
-    checksum: str = checksum_mod.DEFAULT,
-    sync_every: float | None = None,
-) -> _Config:
-    if output_uri is not None and (not isinstance(output_uri, str) or not output_uri.strip()):
-        raise ConfigError(
-            f"output_uri must be a non-empty string or None, not {output_uri!r}",
-            hint="e.g. 'artifacts/runs/{run_id}' or 's3://bucket/runs/{run_id}'",
-        )
-    if isinstance(trees, str):
-        raise ConfigError(
-            f"trees must be a list of names, not the string {trees!r}",
-            hint=f"write trees=[{trees!r}]",
-        )
-    names = tuple(tree_names(trees))
-    if not names:
-        raise ConfigError(
-            "trees is empty: nothing would be exported",
-            hint="name at least one tree, e.g. trees=['export']",
-        )
-    if conflict not in CONFLICT_POLICIES:
-        raise ConfigError(f"conflict={conflict!r} is not one of {CONFLICT_POLICIES}")
-    env_map = dict(env or {})
-    for k, v in env_map.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k:
-            raise ConfigError(
-                f"env entry {k!r}: {v!r} must map a name to a workspace path",
-                hint="e.g. env={'TV_ARTIFACTS_DIR': 'artifacts'}",
-            )
-    registry = get_registry()
-    if backend is None:
-        be = (
-            registry.default()
-            if output_uri is None
-            else registry.for_scheme(Target.parse(output_uri).scheme)
-        )
-    elif isinstance(backend, str):
-        be = registry.by_name(backend)
-    elif isinstance(backend, ExportBackend):
-        be = backend
-    else:
-        raise ConfigError(f"backend={backend!r} is neither a backend name nor a backend object")
-    if sync_every is not None:
-        if isinstance(sync_every, bool) or not isinstance(sync_every, (int, float)):
-            raise ConfigError(f"sync_every must be a number of seconds, not {sync_every!r}")
-        if not sync_every > 0:
-            raise ConfigError(
-                f"sync_every={sync_every!r} must be a positive number of seconds",
-                hint="e.g. sync_every=300 for a checkpoint every five minutes, or None",
-            )
-        if be.capabilities.by_value:
-            raise ConfigError(
-                f"sync_every needs a destination, but the {be.name!r} backend returns the "
-                "files by value when the call ends",
-                hint="give an output_uri (a path, s3://...) or drop sync_every",
-            )
-    target = Target.parse(output_uri or "", storage_options)
-    template_fields(target.uri)  # malformed templates fail here
-    check_template(target.uri)  # so do templates that can never name a run
-    be.check(target)
-    return _Config(
-        target=target,
-        trees=names,
-        backend=be,
-        env=env_map,
-        export_on_failure=export_on_failure,
-        conflict=cast(Conflict, conflict),
-        chdir=chdir,
-        keep_workspace=keep_workspace,
-        checksum=checksum_mod.check(checksum),
-        sync_every=float(sync_every) if sync_every is not None else None,
-    )
-
-
-def _decorate(obj: Any, cfg: _Config) -> Any:
+def _decorate(obj: Any, cfg: Config) -> Any:
     from ray.actor import ActorClass
     from ray.remote_function import RemoteFunction
 
@@ -255,34 +152,14 @@ def _decorate(obj: Any, cfg: _Config) -> Any:
     )
 
 
-def _wrap_methods(cls: type, source: type, cfg: _Config) -> None:
+def _wrap_methods(cls: type, source: type, cfg: Config) -> None:
     """Wrap the public methods of ``source`` onto ``cls``."""
     for name, member in inspect.getmembers(source, inspect.isfunction):
         if not name.startswith("_"):
             setattr(cls, name, _wrap_function(member, cfg))
 
 
-def function_name(fn: Callable[..., Any]) -> str:
-    """The name a run records for the function that wrote it (``module.qualname``).
-
-    A script's functions live in ``__main__`` whichever script it is, so ``train.py`` and
-    ``evaluate.py`` would both write ``__main__.run``, and each would take the other's runs
-    for its own: a script's functions are named after the script (``train.run``; ``pkg.train
-    .run`` under ``python -m``). Interactive sessions keep ``__main__``.
-    """
-    module = fn.__module__
-    if module == "__main__":
-        main = sys.modules.get("__main__")
-        spec = getattr(main, "__spec__", None)
-        path = getattr(main, "__file__", None)
-        if spec is not None and spec.name and spec.name != "__main__":
-            module = spec.name
-        elif isinstance(path, str) and path:
-            module = Path(path).stem or module
-    return f"{module}.{fn.__qualname__}"
-
-
-def _wrap_function(fn: Callable[..., Any], cfg: _Config) -> Callable[..., Any]:
+def _wrap_function(fn: Callable[..., Any], cfg: Config) -> Callable[..., Any]:
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         raise ConfigError(
             f"{fn.__qualname__} is a generator; @isolated_export needs one result per call",
@@ -305,7 +182,7 @@ def _wrap_function(fn: Callable[..., Any], cfg: _Config) -> Callable[..., Any]:
     key = hashlib.sha256(f"{function}\0{cfg.target.uri}\0{cfg.backend.name}".encode()).hexdigest()[
         :24
     ]
-    call_cfg = _Config(**{**cfg.__dict__, "key": key, "function": function, "fields": fields})
+    call_cfg = Config(**{**cfg.__dict__, "key": key, "function": function, "fields": fields})
     driver.register_target(key, cfg.target, cfg.backend.prepare, cfg.backend.capabilities)
 
     if inspect.iscoroutinefunction(fn):
@@ -328,7 +205,7 @@ def _wrap_function(fn: Callable[..., Any], cfg: _Config) -> Callable[..., Any]:
 
 @dataclass
 class _Call:
-    cfg: _Config
+    cfg: Config
     target: Target
     task_id: str
     run: dict[str, Any]
@@ -346,36 +223,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def call_id(session: str, job_id: str, task_id: str, function: str, ordinal: int = 1) -> str:
-    """The ``{call_id}`` template field: the Ray task id and a digest of the cluster session,
-    the job, the function and which call of it this is in its task, so that it differs across
-    clusters (a task id alone repeats) and between the decorated calls one task makes, and
-    stays the same for every attempt of one call (a retry replaces its own earlier run)."""
-    digest = hashlib.sha256(f"{session}\0{job_id}\0{function}\0{ordinal}".encode()).hexdigest()[:8]
-    return f"{task_id}-{digest}"
-
-
-_ordinals: OrderedDict[tuple[str, int, str], int] = OrderedDict()
-_ordinals_lock = threading.Lock()
-
-
-def _ordinal(task_id: str, attempt: int, function: str) -> int:
-    """Which call of ``function`` this is within one attempt of a task: 1 for the first, 2
-    when the task calls the same decorated function again. It tells such calls apart within
-    an attempt (their ``{call_id}``, and their runs: neither replaces the other); a retry
-    finds the earlier attempt's runs by task and function, whatever order it calls in.
-    Counted per process (a task attempt runs in one worker)."""
-    with _ordinals_lock:
-        key = (task_id, attempt, function)
-        n = _ordinals.pop(key, 0) + 1
-        _ordinals[key] = n
-        while len(_ordinals) > 4096:  # tasks long finished
-            _ordinals.popitem(last=False)
-        return n
-
-
 def _begin(
-    cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> _Call:
     """Render the URI and look up the driver's facts; fails before the user's code runs."""
     ctx = ray.get_runtime_context() if ray.is_initialized() else None
@@ -388,7 +237,7 @@ def _begin(
     # make "an earlier attempt of this call" mean this call (DESIGN invariant 7).
     session = rayshim.session_name(ctx) if ctx else "local"
     attempt = rayshim.attempt_number()
-    ordinal = _ordinal(task_id, attempt, cfg.function)
+    ordinal = ordinal_in_task(task_id, attempt, cfg.function)
     record = driver.lookup(cfg.key)
     if cfg.backend.capabilities.needs_driver and record is None:
         raise DestinationNotVisibleError(
@@ -460,60 +309,25 @@ def _export(call: _Call, run: dict[str, Any]) -> tuple[list[FileEntry], Manifest
     )
 
 
-class _Syncer:
-    """``sync_every``: commits the call's trees as a checkpoint every interval while the
-    call runs. A checkpoint that fails (a file changed while it was copied, the store was
-    unreachable) is logged and tried again at the next interval; one that can never succeed
-    (the run belongs to another call) stops the checkpoints, and the final export reports
-    the error."""
-
-    def __init__(self, call: _Call, every: float) -> None:
-        self.call = call
-        self.every = every
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="raysync-sync", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        call = self.call
-        while not self.stop.wait(self.every):
-            with call.export_lock:
-                if self.stop.is_set():
-                    return
-                n = call.checkpoints + 1
-                run = {
-                    **call.run,
-                    "status": "running",
-                    "checkpoint": n,
-                    "synced_at": _now(),
-                    "ended_at": None,
-                    "error": None,
-                }
-                try:
-                    _export(call, run)
-                except (RunExistsError, DestinationNotVisibleError, ConfigError) as e:
-                    log.error("raysync: checkpoints of %s stopped: %s", redact(call.target.uri), e)
-                    return
-                except Exception as e:  # noqa: BLE001 - a checkpoint must not fail the call
-                    log.warning(
-                        "raysync: checkpoint %d of %s failed, trying again in %g s: %s",
-                        n,
-                        redact(call.target.uri),
-                        self.every,
-                        e,
-                    )
-                    continue
-                call.checkpoints = n
-
-    def close(self) -> None:
-        """Stop, waiting for a checkpoint in progress (the final export follows it)."""
-        self.stop.set()
-        self.thread.join()
-
-
-def _syncer(call: _Call) -> _Syncer | None:
+def _syncer(call: _Call) -> Checkpoints | None:
+    """``sync_every``: commit the call's trees as a checkpoint every interval while it runs."""
     every = call.cfg.sync_every
-    return _Syncer(call, every) if every is not None else None
+    if every is None:
+        return None
+
+    def checkpoint(n: int) -> None:
+        run = {
+            **call.run,
+            "status": "running",
+            "checkpoint": n,
+            "synced_at": _now(),
+            "ended_at": None,
+            "error": None,
+        }
+        _export(call, run)
+        call.checkpoints = n
+
+    return Checkpoints(every, call.export_lock, checkpoint, redact(call.target.uri))
 
 
 def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResult:
@@ -591,7 +405,7 @@ def _note(error: BaseException, text: str) -> None:
 
 
 def _run_sync(
-    cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> ExportResult:
     call = _begin(cfg, fn, args, kwargs)
     lock = _CHDIR_LOCK if cfg.chdir else None
@@ -629,12 +443,12 @@ def _async_lock() -> asyncio.Lock:
 
 
 async def _run_async(
-    cfg: _Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> ExportResult:
     call = _begin(cfg, fn, args, kwargs)
     error: BaseException | None = None
     value: Any = None
-    syncer: _Syncer | None = None
+    syncer: Checkpoints | None = None
     # chdir-mode calls take turns (cwd and environment are process-wide); others run at once.
     turn: contextlib.AbstractAsyncContextManager[Any] = (
         _async_lock() if cfg.chdir else contextlib.nullcontext()

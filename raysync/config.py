@@ -1,0 +1,117 @@
+"""The configuration of one ``@isolated_export``: every argument checked on the driver at
+decoration, before any call runs (bad input is a :class:`raysync.errors.ConfigError` naming
+what is wrong and how to fix it)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from raysync import checksum as checksum_mod
+from raysync.backend import CONFLICT_POLICIES, Conflict
+from raysync.errors import ConfigError
+from raysync.hookspecs import ExportBackend
+from raysync.manifest import tree_names
+from raysync.registry import get_registry
+from raysync.target import Target, check_template, template_fields
+
+
+@dataclass(frozen=True)
+class Config:
+    target: Target
+    trees: tuple[str, ...]
+    backend: ExportBackend
+    env: Mapping[str, str]
+    export_on_failure: bool
+    conflict: Conflict
+    chdir: bool
+    keep_workspace: bool
+    checksum: str = checksum_mod.DEFAULT
+    sync_every: float | None = None
+    key: str = ""
+    function: str = ""
+    fields: tuple[str, ...] = field(default_factory=tuple)
+
+
+def make_config(
+    output_uri: str | None,
+    trees: Sequence[str],
+    backend: str | ExportBackend | None,
+    storage_options: Mapping[str, Any] | None,
+    env: Mapping[str, str] | None,
+    export_on_failure: bool,
+    conflict: str,
+    chdir: bool,
+    keep_workspace: bool,
+    checksum: str = checksum_mod.DEFAULT,
+    sync_every: float | None = None,
+) -> Config:
+    if output_uri is not None and (not isinstance(output_uri, str) or not output_uri.strip()):
+        raise ConfigError(
+            f"output_uri must be a non-empty string or None, not {output_uri!r}",
+            hint="e.g. 'artifacts/runs/{run_id}' or 's3://bucket/runs/{run_id}'",
+        )
+    if isinstance(trees, str):
+        raise ConfigError(
+            f"trees must be a list of names, not the string {trees!r}",
+            hint=f"write trees=[{trees!r}]",
+        )
+    names = tuple(tree_names(trees))
+    if not names:
+        raise ConfigError(
+            "trees is empty: nothing would be exported",
+            hint="name at least one tree, e.g. trees=['export']",
+        )
+    if conflict not in CONFLICT_POLICIES:
+        raise ConfigError(f"conflict={conflict!r} is not one of {CONFLICT_POLICIES}")
+    env_map = dict(env or {})
+    for k, v in env_map.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise ConfigError(
+                f"env entry {k!r}: {v!r} must map a name to a workspace path",
+                hint="e.g. env={'TV_ARTIFACTS_DIR': 'artifacts'}",
+            )
+    registry = get_registry()
+    if backend is None:
+        be = (
+            registry.default()
+            if output_uri is None
+            else registry.for_scheme(Target.parse(output_uri).scheme)
+        )
+    elif isinstance(backend, str):
+        be = registry.by_name(backend)
+    elif isinstance(backend, ExportBackend):
+        be = backend
+    else:
+        raise ConfigError(f"backend={backend!r} is neither a backend name nor a backend object")
+    if sync_every is not None:
+        if isinstance(sync_every, bool) or not isinstance(sync_every, (int, float)):
+            raise ConfigError(f"sync_every must be a number of seconds, not {sync_every!r}")
+        if not sync_every > 0:
+            raise ConfigError(
+                f"sync_every={sync_every!r} must be a positive number of seconds",
+                hint="e.g. sync_every=300 for a checkpoint every five minutes, or None",
+            )
+        if be.capabilities.by_value:
+            raise ConfigError(
+                f"sync_every needs a destination, but the {be.name!r} backend returns the "
+                "files by value when the call ends",
+                hint="give an output_uri (a path, s3://...) or drop sync_every",
+            )
+    target = Target.parse(output_uri or "", storage_options)
+    template_fields(target.uri)  # malformed templates fail here
+    check_template(target.uri)  # so do templates that can never name a run
+    be.check(target)
+    return Config(
+        target=target,
+        trees=names,
+        backend=be,
+        env=env_map,
+        export_on_failure=export_on_failure,
+        conflict=cast(Conflict, conflict),
+        chdir=chdir,
+        keep_workspace=keep_workspace,
+        checksum=checksum_mod.check(checksum),
+        sync_every=float(sync_every) if sync_every is not None else None,
+    )
