@@ -81,7 +81,7 @@ class RunLock:
                     "taking the run lock", lambda: put(fs, lock_path, body, create=False), opts
                 )
             try:
-                return self._look(fs, run, request, opts, shown)
+                return self._look(fs, run, request, opts, shown, above=True)
             except BaseException:
                 self._release(fs, run, opts, remove_data=False)
                 raise
@@ -91,8 +91,19 @@ class RunLock:
             hint="give each call its own output_uri (e.g. add {call_id})",
         )
 
-    def _look(self, fs: Any, run: str, request: ExportRequest, opts: Options, shown: str) -> _Claim:
-        """List the run and apply the conflict decision to what is there."""
+    def _look(
+        self,
+        fs: Any,
+        run: str,
+        request: ExportRequest,
+        opts: Options,
+        shown: str,
+        *,
+        above: bool = False,
+    ) -> _Claim:
+        """List the run and apply the conflict decision to what is there; with ``above``
+        (once the lock is held: the look that counts), also look for a run in every prefix
+        above it (a HEAD per prefix and name, so not on the look before the lock too)."""
         found = with_retries("listing the run", lambda: listing(fs, run), opts)
         lock_path, manifest_path = f"{run}/{LOCK_NAME}", f"{run}/{MANIFEST_NAME}"
         holder = self._holder(fs, lock_path, opts) if lock_path in found else None
@@ -114,7 +125,7 @@ class RunLock:
             conflict=request.conflict,
             uri=shown,
             leftover_owner=holder if existing is None and not own_lock else None,
-            inside=self._enclosing_run(fs, run, opts),
+            inside=self._enclosing_run(fs, run, opts) if above else None,
             unlisted=unlisted,
             nested=[k[len(run) + 1 :] for k in nested],
         )
