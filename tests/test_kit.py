@@ -50,3 +50,26 @@ def test_no_backend_imports_another_backend(name: str) -> None:
             if parts[0] == "raysync_builtins" and (len(parts) < 2 or parts[1] in others):
                 bad.append((path.name, module))
     assert bad == [], f"{name} imports another backend: {bad}"
+
+
+ROOT = PLUGINS.parent
+
+
+def test_every_module_of_the_core_and_the_plugins_is_under_500_lines() -> None:
+    files = [*(ROOT / "raysync").rglob("*.py"), *PLUGINS.rglob("*.py")]
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in files
+        if "tests" not in p.parts and (n := len(p.read_text().splitlines())) >= 500
+    }
+    assert len(files) > 40
+    assert long == {}, f"split these modules by concern: {long}"
+
+
+def test_the_core_the_decorator_imports_names_no_scheme_of_the_bench() -> None:
+    """The bench's scheme knowledge (S3 servers, s3fs, boto3) lives in raysync/bench/ only."""
+    core = [p for p in (ROOT / "raysync").glob("*.py")]
+    bad = [
+        p.name for p in core if {"boto3", "s3fs", "moto"} & {m.split(".")[0] for m in imported(p)}
+    ]
+    assert bad == []

@@ -1,0 +1,192 @@
+"""host-sync backend: bring a call's files home to the driver's machine, with no shared storage.
+
+``host://artifacts/runs/{run_id}`` (relative to the driver's cwd) or ``host:///abs/path/{run_id}``
+(absolute on the driver's machine). The worker streams its trees through the Ray object store
+to a *sink* actor pinned to the driver's node (node-affinity scheduling, hard), which writes
+them into a staging directory next to the run, checks every file's size and digest against
+the worker's manifest, writes the manifest and renames the staging directory into place.
+
+Memory: the worker keeps at most ``window`` chunks of ``chunk_size`` bytes in flight; the sink
+holds at most ``sink_slots`` chunks at once, whatever the number of senders (write calls
+carry object refs, which the sink fetches only when a slot is free). So the sink's data in
+memory is bounded by ``sink_slots * chunk_size`` (32 MiB by default), and a sender by
+``window * chunk_size`` (32 MiB): back-pressure, not unbounded queues.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import ray
+
+import raysync
+from raysync import checksum
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
+from raysync.copy import hashed_source, plan_reuse
+from raysync.dirrun import DirReader, list_dir_runs, materialize_dir
+from raysync.errors import ConfigError, DestinationError, ExportError, RaySyncError
+from raysync.manifest import FileEntry, Manifest
+from raysync.result import ExportResult
+from raysync.target import Target
+from raysync_builtins.host.sink import Options, get_or_create_sink, sink_key, sink_name
+
+
+def chunks(
+    files: list[FileEntry], chunk_size: int, algorithm: str = checksum.DEFAULT
+) -> Iterator[tuple[list[tuple[str, int, int]], bytes]]:
+    """Pack files into messages of at most ``chunk_size`` bytes, hashing them as they are read.
+
+    Small files share a message; a large file spans several. Each file is read once.
+    """
+    items: list[tuple[str, int, int]] = []
+    buf = bytearray()
+    for entry in files:
+        with hashed_source(entry, algorithm) as f:
+            while True:
+                offset = f.seen
+                data = f.read(chunk_size - len(buf))
+                if data:
+                    items.append((entry.path, offset, len(data)))
+                    buf += data
+                if len(buf) >= chunk_size:
+                    yield items, bytes(buf)
+                    items, buf = [], bytearray()
+                    continue
+                if not data:
+                    break
+    if items:
+        yield items, bytes(buf)
+
+
+class HostSyncBackend:
+    """Streams each call's files through the object store to the driver's machine."""
+
+    name = "host"
+    schemes = ("host",)
+    default = False
+    capabilities = Capabilities(atomic_rename=True, read_back=True, needs_driver=True)
+
+    def check(self, target: Target) -> None:
+        Options.parse(target.options)
+        if not target.path.strip("/"):
+            raise ConfigError("host:// needs a path", hint="e.g. host://artifacts/runs/{run_id}")
+
+    def prepare(self, target: Target) -> Mapping[str, str]:
+        opts = Options.parse(target.options)
+        root = Path(target.local_path(target.root or "."))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DestinationError(f"cannot create {root}: {e}", uri=f"host://{root}") from e
+        if not ray.is_initialized():
+            return {"root": str(root)}
+        sink = get_or_create_sink(opts)
+        ctx = ray.get_runtime_context()
+        key = sink_key((ctx.gcs_address, sink_name(ctx.get_job_id(), opts)))
+        ray.get(sink.allow.remote(os.path.normpath(root), key))
+        return {
+            "root": str(root),
+            "sink": sink_name(ctx.get_job_id(), opts),
+            "namespace": ctx.namespace,
+        }
+
+    def export(self, request: ExportRequest) -> ExportOutcome:
+        opts = Options.parse(request.target.options)
+        dest = Path(request.target.local_path())
+        uri = f"host://{dest}"
+        name = request.prepared.get("sink")
+        if not name or not ray.is_initialized():
+            raise DestinationError(
+                "host:// needs Ray: the driver's sink actor receives the files",
+                uri=uri,
+                hint="call ray.init() before decorating or calling the function",
+            )
+        try:
+            sink = ray.get_actor(name, namespace=request.prepared.get("namespace"))
+        except ValueError as e:
+            raise self._gone(request, uri) from e
+        sid = None
+        reused: list[FileEntry] = []
+        try:
+            job_id = ray.get_runtime_context().get_job_id()
+            run = dict(request.manifest.run)
+            sid, committed_bytes = ray.get(
+                sink.open.remote(str(dest), run, request.conflict, job_id)
+            )
+            # Incremental: the sink links what the replaced run already holds.
+            send = request.files
+            if committed_bytes is not None:
+                previous = Manifest.from_bytes(committed_bytes, uri=uri)
+                reuse = plan_reuse(request.files, previous, request.checksum)
+                unlinked = (
+                    set(ray.get(sink.link.remote(sid, sorted(reuse), request.checksum)))
+                    if reuse
+                    else set()
+                )
+                reused = [e for e in request.files if e.path in reuse - unlinked]
+                send = [e for e in request.files if e.path not in reuse or e.path in unlinked]
+            in_flight: deque[Any] = deque()
+            for items, data in chunks(send, opts.chunk_size, request.manifest.checksum):
+                in_flight.append(sink.write.remote(sid, items, [ray.put(data)]))
+                del data
+                if len(in_flight) >= opts.window:
+                    ray.get(in_flight.popleft())
+            ray.get(list(in_flight))
+            committed = ray.get(sink.commit.remote(sid, request.manifest.to_bytes()))
+        except ray.exceptions.RayTaskError as e:
+            if sid is not None:
+                sink.abort.remote(sid)
+            if isinstance(e.cause, RaySyncError):
+                raise e.cause from None
+            raise
+        except ray.exceptions.RayActorError as e:
+            raise self._gone(request, uri) from e
+        except BaseException:
+            if sid is not None:
+                sink.abort.remote(sid)
+            raise
+        return ExportOutcome(
+            uri=f"host://{committed}",
+            payload=Location(committed),
+            extra_stats={"reused_files": len(reused), "reused_bytes": sum(e.size for e in reused)},
+        )
+
+    def _gone(self, request: ExportRequest, uri: str) -> ExportError:
+        return ExportError(
+            "the driver's sink actor is gone (did the driver exit?)",
+            backend=self.name,
+            uri=uri,
+            workspace=str(request.workspace),
+            hint="keep the driver running until its tasks finish; the files are kept on this node",
+        )
+
+    def list_runs(self, target: Target) -> list[RunInfo]:
+        """Runs under a path on this machine (run it on the driver's machine)."""
+        return list_dir_runs(Path(target.local_path()), lambda p: f"host://{p}")
+
+    def open_run(self, target: Target) -> RunReader:
+        path = Path(target.local_path())
+        return DirReader(f"host://{path}", path)
+
+    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+        loc = result.payload
+        src = Path(loc.uri) if isinstance(loc, Location) else Path(result.uri[len("host://") :])
+        materialize_dir(
+            src,
+            result,
+            dest,
+            overwrite=overwrite,
+            hint="host:// runs live on the driver's machine: materialize there",
+        )
+
+
+@raysync.hookimpl
+def raysync_register_backends(register: raysync.RegisterBackend) -> None:
+    register(HostSyncBackend())
+
+
+__all__ = ["HostSyncBackend", "Options", "chunks", "get_or_create_sink", "sink_name"]
