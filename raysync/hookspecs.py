@@ -49,6 +49,28 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 #: Decorate your plugin's hook implementations with this marker.
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
+#: The backend kit: the modules of raysync a backend may import (docs/plugins.md lists what
+#: each offers). The built-ins and ``plugins/raysync-zip`` import nothing else of raysync
+#: (``tests/test_kit.py``); the other modules are the core's own and may change.
+KIT_MODULES = (
+    "raysync",  # hookimpl, RegisterBackend, the public API
+    "raysync.backend",
+    "raysync.checksum",
+    "raysync.copy",
+    "raysync.dirrun",
+    "raysync.errors",
+    "raysync.exporting",
+    "raysync.fsops",
+    "raysync.hookspecs",
+    "raysync.manifest",
+    "raysync.redaction",
+    "raysync.result",
+    "raysync.retry",
+    "raysync.rules",
+    "raysync.target",
+    "raysync.testing",
+)
+
 
 @hookspec
 def raysync_register_backends(register: Callable[..., None]) -> None:

@@ -73,3 +73,40 @@ def test_the_core_the_decorator_imports_names_no_scheme_of_the_bench() -> None:
         p.name for p in core if {"boto3", "s3fs", "moto"} & {m.split(".")[0] for m in imported(p)}
     ]
     assert bad == []
+
+
+def _raysync_modules(path: Path) -> set[str]:
+    """The raysync modules a file imports (``from raysync import rules`` is raysync.rules)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.split(".")[0] == "raysync"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "raysync":
+                for a in node.names:
+                    sub = f"raysync.{a.name}"
+                    is_module = (ROOT / "raysync" / f"{a.name}.py").exists()
+                    names.add(sub if is_module else "raysync")
+            elif node.module.split(".")[0] == "raysync":
+                names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(backends()))
+def test_every_backend_uses_raysync_only_through_the_declared_kit(name: str) -> None:
+    from raysync.hookspecs import KIT_MODULES
+
+    used = set().union(*(_raysync_modules(p) for p in backends()[name]))
+    assert used, f"{name} imports nothing of raysync: is the scan broken?"
+    assert used - set(KIT_MODULES) == set(), (
+        f"{name} imports core modules outside the kit; add what it needs to the kit "
+        "(raysync.hookspecs.KIT_MODULES and docs/plugins.md) or use a kit module"
+    )
+
+
+def test_docs_plugins_names_every_kit_module() -> None:
+    from raysync.hookspecs import KIT_MODULES
+
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    missing = [m for m in KIT_MODULES if m != "raysync" and f"`{m}" not in text]
+    assert missing == []
