@@ -22,7 +22,7 @@ from raysync.errors import ConfigError, IntegrityError, RaySyncError
 from raysync.hookspecs import ListsRuns, OpensRuns
 from raysync.manifest import FileEntry
 from raysync.registry import get_registry, scheme_label
-from raysync.result import place_files
+from raysync.result import place_run
 from raysync.target import Target, redact
 
 
@@ -197,14 +197,7 @@ def _pull(args: argparse.Namespace) -> int:
 
     dest = Path(args.dest).absolute()
     try:
-        place_files(
-            dest,
-            manifest.files,
-            read,
-            uri=shown,
-            overwrite=args.overwrite,
-            checksum=manifest.checksum,
-        )
+        place_run(dest, manifest, read, uri=shown, overwrite=args.overwrite)
     except IntegrityError as e:
         progress.finish()
         out = {"uri": shown, "ok": False, "error": "files do not match the manifest"}

@@ -41,7 +41,7 @@ from raysync.errors import (
 )
 from raysync.fsops import iter_files, remove_tree
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
-from raysync.result import ExportResult, place_files, read_path_chunks
+from raysync.result import ExportResult, place_run, read_path_chunks
 from raysync.rules import Decision, decide, may_replace, same_commit
 
 TOKEN_NAME = ".raysync-visible"  # noqa: S105 - a file name, not a secret
@@ -346,11 +346,10 @@ def materialize_dir(
         )
     if src.resolve() == dest.resolve():
         return
-    place_files(
+    place_run(
         dest,
-        committed.files,
+        committed,
         lambda f: read_path_chunks(safe_join(src, f.path)),
         uri=result.uri,
         overwrite=overwrite,
-        checksum=committed.checksum,
     )

@@ -112,6 +112,20 @@ def collect(
     return out
 
 
+def place_run(
+    dest: Path,
+    manifest: Manifest,
+    read: Callable[[FileEntry], Iterator[bytes | memoryview]],
+    *,
+    uri: str,
+    overwrite: bool = False,
+) -> None:
+    """:func:`place_files` for every file of a run's ``manifest`` (with its algorithm)."""
+    place_files(
+        dest, manifest.files, read, uri=uri, checksum=manifest.checksum, overwrite=overwrite
+    )
+
+
 def place_files(
     dest: Path,
     files: Sequence[FileEntry],

@@ -18,7 +18,7 @@ from raysync.backend import Capabilities, ExportOutcome, ExportRequest
 from raysync.copy import read_and_hash
 from raysync.errors import ConfigError, MaterializeError, PayloadTooLargeError
 from raysync.manifest import check_relpath
-from raysync.result import ExportResult, place_files
+from raysync.result import ExportResult, place_run
 from raysync.target import Target
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -102,14 +102,7 @@ class ReturnByValueBackend:
         def read(entry: Any) -> Iterator[memoryview]:
             yield payload.view(entry.path)
 
-        place_files(
-            dest,
-            result.manifest.files,
-            read,
-            uri=result.uri,
-            overwrite=overwrite,
-            checksum=result.manifest.checksum,
-        )
+        place_run(dest, result.manifest, read, uri=result.uri, overwrite=overwrite)
 
 
 @raysync.hookimpl

@@ -27,7 +27,7 @@ from raysync.errors import (
     RaySyncError,
 )
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
-from raysync.result import ExportResult, place_files
+from raysync.result import ExportResult, place_run
 from raysync.target import Target, redact
 
 PREFIX = "zip+"
@@ -155,14 +155,7 @@ class ZipBackend:
                 with zf.open(entry.path) as member:
                     yield from iter(lambda: member.read(CHUNK), b"")
 
-            place_files(
-                dest,
-                committed.files,
-                read,
-                uri=shown,
-                overwrite=overwrite,
-                checksum=committed.checksum,
-            )
+            place_run(dest, committed, read, uri=shown, overwrite=overwrite)
 
 
 @raysync.hookimpl

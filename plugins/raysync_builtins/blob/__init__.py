@@ -36,7 +36,7 @@ from raysync.errors import (
     TreeError,
 )
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
-from raysync.result import ExportResult, place_files
+from raysync.result import ExportResult, place_run
 from raysync.target import Target, redact, split_scheme
 from raysync_builtins.blob.consts import CONDITIONAL, EXTRAS, LOCK_NAME, NOT_STORAGE
 from raysync_builtins.blob.lock import RunLock, _Claim
@@ -288,14 +288,7 @@ class BlobBackend(RunLock, Uploads):
             with fs.open(f"{run}/{entry.path}", "rb", block_size=opts.upload_part_size) as f:
                 yield from iter(lambda: f.read(CHUNK), b"")
 
-        place_files(
-            dest,
-            committed.files,
-            read,
-            uri=shown,
-            overwrite=overwrite,
-            checksum=committed.checksum,
-        )
+        place_run(dest, committed, read, uri=shown, overwrite=overwrite)
 
 
 class _BlobReader(RunReader):

@@ -22,15 +22,13 @@ the staging directory is named after the Ray task, and ``--partial-dir`` keeps p
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 
 import raysync
 from raysync import redaction
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
-from raysync.copy import open_source, plan_reuse
+from raysync.copy import plan_reuse
 from raysync.dirrun import (
     DirReader,
     check_conflict,
@@ -69,8 +67,7 @@ from raysync_builtins.rsync.files import (
     _PulledReader,
     _remove_partial_dirs,
     _staging_tag,
-    hash_entries,
-    source_dir,
+    transfer,
     unchanged_since_scan,
 )
 
@@ -189,7 +186,7 @@ class RsyncBackend(RemoteRuns):
                     pairs.append((entry, safe_join(dest, entry.path), str(out)))
             linked = link_reused(pairs, request.checksum)
             send = [e for e in request.files if e.path not in linked]
-            self._transfer(request, rsync, str(staging) + "/", files=send, hash_sources=False)
+            transfer(request, rsync, str(staging) + "/", files=send, hash_sources=False)
             # rsync removes its emptied partial dirs; check anyway, then hash what was staged.
             _remove_partial_dirs(staging)
             _hash_staged(staging, send, request.checksum)
@@ -203,61 +200,6 @@ class RsyncBackend(RemoteRuns):
             # from the staging dir, which is named after the call.)
             remove_tree(staging)
             raise
-
-    def _transfer(
-        self,
-        request: ExportRequest,
-        rsync: Rsync,
-        dest: str,
-        *,
-        daemon: bool = False,
-        files: list[FileEntry] | None = None,
-        hash_sources: bool = True,
-    ) -> None:
-        """Send ``files`` (default: all of the request's); with ``hash_sources``, set their
-        digests meanwhile (from a read of the sources in parallel with rsync's)."""
-        files = request.files if files is None else files
-        for entry in files:
-            # Every source readable, and the file the scan saw, before rsync reads it: an
-            # unreadable file is the tree's problem (TreeError), not the destination's.
-            os.close(open_source(entry))
-        args = [
-            "-a",
-            "--copy-links",  # the source dir holds symlinks to the workspace files
-            # Never trust size + mtime: a retried call may write different bytes of the same
-            # size within the same second. Files already there are delta-transferred.
-            "--ignore-times",
-            f"--partial-dir={PARTIAL_DIR}",
-        ]
-        if daemon:
-            # The run is updated in place: remove what the new manifest does not list.
-            args += [
-                "--delete",
-                "--delete-before",
-                "--delay-updates",
-                f"--filter=P /{CLAIM_NAME}-*",
-            ]
-        else:
-            # Local copies default to --whole-file; without it a retried attempt resumes a
-            # killed file from its partial copy instead of copying it again.
-            args.append("--no-whole-file")
-        errors: list[BaseException] = []
-
-        def hash_all() -> None:
-            try:
-                hash_entries([e for e in files if e.digest is None], request.checksum)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-                errors.append(e)
-
-        with source_dir(files, Path(request.workspace)) as src:
-            hasher = threading.Thread(target=hash_all if hash_sources else lambda: None)
-            hasher.start()
-            try:
-                rsync.run_with_retries([*args, "--", f"{src}/", dest], "data", record=True)
-            finally:
-                hasher.join()
-        if errors:
-            raise errors[0]
 
     # -- read back ---------------------------------------------------------------------------
     def list_runs(self, target: Target) -> list[RunInfo]:

@@ -16,7 +16,7 @@ from raysync import redaction, rules
 from raysync.backend import ExportRequest
 from raysync.copy import open_source
 from raysync.fsops import temporary_dir
-from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest
+from raysync.manifest import MANIFEST_NAME, Manifest
 from raysync_builtins.rsync.command import (
     _LISTED,
     CLAIM_NAME,
@@ -30,6 +30,7 @@ from raysync_builtins.rsync.files import (
     _Hold,
     _parents,
     _rsync_internal,
+    transfer,
     unchanged_since_scan,
 )
 
@@ -38,18 +39,6 @@ log = redaction.logger("raysync.rsync")
 
 class RemoteRuns:
     """The daemon and ssh half of :class:`raysync_builtins.rsync.RsyncBackend`."""
-
-    def _transfer(
-        self,
-        request: ExportRequest,
-        rsync: Rsync,
-        dest: str,
-        *,
-        daemon: bool = False,
-        files: list[FileEntry] | None = None,
-        hash_sources: bool = True,
-    ) -> None:
-        raise NotImplementedError  # the backend's
 
     def _export_remote(
         self, request: ExportRequest, rsync: Rsync, remote: Remote, uri: str
@@ -77,7 +66,7 @@ class RemoteRuns:
                 # files) before any data changes; --delay-updates puts the new files in place
                 # together; claims are protected from the deletion.
                 sent = True
-                self._transfer(request, rsync, remote.url() + "/", daemon=True)
+                transfer(request, rsync, remote.url() + "/", daemon=True)
                 unchanged_since_scan(request.files)
                 (meta / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
                 rsync.run_with_retries(

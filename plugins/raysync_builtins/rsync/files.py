@@ -8,14 +8,15 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from raysync import redaction, rules
-from raysync.backend import RunReader
-from raysync.copy import copy_threads, hash_entry
+from raysync.backend import ExportRequest, RunReader
+from raysync.copy import copy_threads, hash_entry, open_source
 from raysync.dirrun import (
     DirReader,
 )
@@ -26,6 +27,7 @@ from raysync.errors import (
 from raysync.fsops import TemporaryDir, iter_files, makedirs, remove_tree
 from raysync.manifest import FileEntry, Manifest, check_relpath
 from raysync_builtins.rsync.command import (
+    CLAIM_NAME,
     PARTIAL_DIR,
     Remote,
     Rsync,
@@ -194,3 +196,58 @@ class _PulledReader(RunReader):
     def read(self, entry: FileEntry) -> Iterator[bytes]:
         assert self._dir is not None
         return self._dir.read(entry)
+
+
+def transfer(
+    request: ExportRequest,
+    rsync: Rsync,
+    dest: str,
+    *,
+    daemon: bool = False,
+    files: list[FileEntry] | None = None,
+    hash_sources: bool = True,
+) -> None:
+    """rsync ``files`` (default: all of the request's) to ``dest``; with ``hash_sources``,
+    set their digests meanwhile (from a read of the sources in parallel with rsync's)."""
+    files = request.files if files is None else files
+    for entry in files:
+        # Every source readable, and the file the scan saw, before rsync reads it: an
+        # unreadable file is the tree's problem (TreeError), not the destination's.
+        os.close(open_source(entry))
+    args = [
+        "-a",
+        "--copy-links",  # the source dir holds symlinks to the workspace files
+        # Never trust size + mtime: a retried call may write different bytes of the same
+        # size within the same second. Files already there are delta-transferred.
+        "--ignore-times",
+        f"--partial-dir={PARTIAL_DIR}",
+    ]
+    if daemon:
+        # The run is updated in place: remove what the new manifest does not list.
+        args += [
+            "--delete",
+            "--delete-before",
+            "--delay-updates",
+            f"--filter=P /{CLAIM_NAME}-*",
+        ]
+    else:
+        # Local copies default to --whole-file; without it a retried attempt resumes a
+        # killed file from its partial copy instead of copying it again.
+        args.append("--no-whole-file")
+    errors: list[BaseException] = []
+
+    def hash_all() -> None:
+        try:
+            hash_entries([e for e in files if e.digest is None], request.checksum)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(e)
+
+    with source_dir(files, Path(request.workspace)) as src:
+        hasher = threading.Thread(target=hash_all if hash_sources else lambda: None)
+        hasher.start()
+        try:
+            rsync.run_with_retries([*args, "--", f"{src}/", dest], "data", record=True)
+        finally:
+            hasher.join()
+    if errors:
+        raise errors[0]
