@@ -16,8 +16,10 @@ the URI with every field set to the probe id); they are small and may be deleted
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -217,10 +219,16 @@ def main(
         init["runtime_env"] = runtime_env(working_dir, pip=False)
     if node_ip_address:
         init["_node_ip_address"] = node_ip_address
-    ray.init(**init)
-    try:
-        report = check_nodes(uri, storage_options=storage_options, backend=backend, timeout=timeout)
-    finally:
-        ray.shutdown()
+    # Ray prints its own warnings ("(raylet) WARNING: ...") to the driver's stdout on some
+    # versions (2.40), whatever log_to_driver says: while Ray runs, stdout is stderr, so
+    # that the report (--json) is all that stdout holds.
+    with contextlib.redirect_stdout(sys.stderr):
+        ray.init(**init)
+        try:
+            report = check_nodes(
+                uri, storage_options=storage_options, backend=backend, timeout=timeout
+            )
+        finally:
+            ray.shutdown()
     print(json.dumps(report, indent=1) if as_json else format_report(report))
     return 0 if report["ok"] else 1
