@@ -28,7 +28,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
-PUT_CEILING = "S3 PUT ceiling (boto3 put_object, 16 threads)"
 GIB = 1024**3
 
 
@@ -94,12 +93,18 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     ratio("local-copy, small: × shutil.copytree", "local", "small", "raysync local",
           "shutil.copytree", 1.0)  # fmt: skip
     ratio("local-copy, small (stretch): × cp -a", "local", "small", "raysync local", "cp -a", 0.8)
-    ratio("fsspec → moto, small: × the server's PUT ceiling", "fsspec", "small",
-          "raysync fsspec", PUT_CEILING, 0.9)  # fmt: skip
-    ratio("fsspec → moto, large: × boto3 transfer manager", "fsspec", "large",
-          "raysync fsspec", "boto3 transfer manager", 0.9)  # fmt: skip
+    server = (
+        "rclone" if "rclone" in report["backends"].get("fsspec", {}).get("target", "") else "moto"
+    )
+    for shape in ("small", "medium", "large"):
+        ratio(f"fsspec → {server}, {shape}: × the fastest client (obstore, s5cmd, boto3, s3fs)",
+              "fsspec", shape, "raysync fsspec", None, 0.8)  # fmt: skip
     ratio("fsspec packing, small: × naive s3fs put", "fsspec", "small",
           "raysync fsspec (packing)", "s3fs put(recursive=True)", 5.0)  # fmt: skip
+    download = report["backends"].get("fsspec download", {}).get("shapes", {})
+    for shape in download:
+        ratio(f"fsspec download ({shape}): raysync pull × the fastest client's GET",
+              "fsspec download", shape, "raysync pull (verified)", None, 0.8)  # fmt: skip
     ratio("rsync, large: × rsync -a", "rsync", "large", "raysync rsync", "rsync -a", 1.0)
     ray = report["backends"].get("ray", {}).get("shapes", {}).get("overhead")
     if ray is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -140,3 +140,10 @@ class RunReader:
 
     def read(self, entry: FileEntry) -> Iterator[bytes]:
         raise NotImplementedError
+
+    def prefetch(self, entries: Sequence[FileEntry]) -> None:
+        """``entries`` will be read next, in this order: a reader may start fetching them
+        (within a memory bound) so that :meth:`read` finds them ready. Optional."""
+
+    def close(self) -> None:
+        """Stop what :meth:`prefetch` started. Optional."""

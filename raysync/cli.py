@@ -112,18 +112,22 @@ def _verify(args: argparse.Namespace) -> int:
     if manifest is None:
         return _report(args, {"uri": shown, "ok": False, "error": "no committed run"}, 1)
     bad: list[str] = []
-    for f in manifest.files:
-        h = checksum.new(manifest.checksum)
-        size = 0
-        try:
-            for chunk in reader.read(f):
-                h.update(chunk)
-                size += len(chunk)
-        except (OSError, RaySyncError):
-            bad.append(f.path)
-            continue
-        if size != f.size or h.hexdigest() != f.digest:
-            bad.append(f.path)
+    reader.prefetch(manifest.files)
+    try:
+        for f in manifest.files:
+            h = checksum.new(manifest.checksum)
+            size = 0
+            try:
+                for chunk in reader.read(f):
+                    h.update(chunk)
+                    size += len(chunk)
+            except (OSError, RaySyncError):
+                bad.append(f.path)
+                continue
+            if size != f.size or h.hexdigest() != f.digest:
+                bad.append(f.path)
+    finally:
+        reader.close()
     out = {
         "uri": shown,
         "ok": not bad,
@@ -196,6 +200,7 @@ def _pull(args: argparse.Namespace) -> int:
             yield chunk
 
     dest = Path(args.dest).absolute()
+    reader.prefetch(manifest.files)
     try:
         place_run(dest, manifest, read, uri=shown, overwrite=args.overwrite)
     except IntegrityError as e:
@@ -208,6 +213,8 @@ def _pull(args: argparse.Namespace) -> int:
                 print(f"  {b}")
             return 1
         return _report(args, out, 1)
+    finally:
+        reader.close()
     progress.finish()
     out = {
         "uri": shown,

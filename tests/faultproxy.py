@@ -8,6 +8,7 @@ requests so tests can check, e.g., that the manifest was the last object written
 from __future__ import annotations
 
 import http.client
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,8 +28,10 @@ class FaultProxy:
         self.fail_next = 0  # answer 503 to this many requests
         self.fail_until = 0.0  # answer 503 until this monotonic time
         self.drop_next = 0  # close the connection without answering, this many times
-        self.fail_matching: str | None = None  # limits the faults to paths containing it
+        self.fail_matching: str | None = None  # limits the faults to paths it matches (re)
         self.fail_always = False
+        self.fail_every = 0  # answer 503 to every n-th request (0: never)
+        self.seen = 0
         self.log: list[tuple[str, str, int]] = []
         proxy = self
 
@@ -86,7 +89,7 @@ class FaultProxy:
     def _decide(self, path: str) -> str:
         with self.lock:
             # With fail_matching set, the counted faults apply only to matching requests.
-            matches = self.fail_matching is None or self.fail_matching in path
+            matches = self.fail_matching is None or re.search(self.fail_matching, path) is not None
             if self.drop_next > 0 and matches:
                 self.drop_next -= 1
                 return "drop"
@@ -96,6 +99,9 @@ class FaultProxy:
             if time.monotonic() < self.fail_until:
                 return "503"
             if self.fail_always and self.fail_matching and matches:
+                return "503"
+            self.seen += 1
+            if self.fail_every and self.seen % self.fail_every == 0:
                 return "503"
         return "forward"
 
@@ -108,6 +114,7 @@ class FaultProxy:
             self.fail_next = self.drop_next = 0
             self.fail_until = 0.0
             self.fail_matching, self.fail_always = None, False
+            self.fail_every = self.seen = 0
             self.log.clear()
 
     def __enter__(self) -> FaultProxy:

@@ -37,8 +37,10 @@ def test_bench_runs_every_backend_and_shape_and_reports_ratios_and_memory() -> N
     assert "[" in proc.stderr and "raysync local 1/1" in proc.stderr  # the progress display
     backends = report["backends"]
     assert set(backends) == {
-        "fsspec", "local", "rsync", "incremental fsspec", "incremental local", "ray"
+        "fsspec", "fsspec download", "local", "rsync", "incremental fsspec", "incremental local",
+        "ray",
     }  # fmt: skip
+    assert backends["fsspec"]["target"].startswith("rclone serve s3 (own process, HTTPS)")
     for name in ("fsspec", "local", "rsync"):
         shapes = backends[name]["shapes"]
         small, mixed = shapes["small"], shapes["mixed"]
@@ -57,10 +59,22 @@ def test_bench_runs_every_backend_and_shape_and_reports_ratios_and_memory() -> N
         "S3 PUT ceiling (boto3 put_object, 16 threads)",
         "s3fs put(recursive=True)",
         "boto3 transfer manager",
+        "obstore put, 32 in flight",
+        "s5cmd cp, 256 workers",
         "raysync fsspec",
+        "raysync fsspec (engine=fsspec: s3fs)",
         "raysync fsspec (packing)",
     }
     assert "S3 PUT ceiling (boto3 put_object, 16 threads)" in fs_small  # small files only
+    # The download group pulls the last tree back, checked, against the clients' GETs.
+    pulled = backends["fsspec download"]["shapes"]["mixed"]
+    assert pulled["files"] == 11
+    assert set(pulled["results"]) == {
+        "obstore get, 32 in flight",
+        "s5cmd cp (download), 256 workers",
+        "raysync pull (verified)",
+    }
+    assert pulled["baselines"] == ["obstore get, 32 in flight", "s5cmd cp (download), 256 workers"]
     local_small = backends["local"]["shapes"]["small"]
     assert local_small["baselines"] == ["cp -a", "shutil.copytree", "fsspec put(recursive=True)"]
     assert set(backends["rsync"]["shapes"]["mixed"]["results"]) == {"rsync -a", "raysync rsync"}

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +17,27 @@ import pytest
 import ray
 
 from raysync import checksum, isolated_export
-from raysync.errors import ExportError, MissingDependencyError, RunExistsError
+from raysync.errors import ConfigError, ExportError, MissingDependencyError, RunExistsError
 from raysync.manifest import MANIFEST_NAME, Manifest
 from tests.conftest import files_under, kept_workspace, s3_options
 
-# Our retries, fast, with botocore's own retries off. (s3fs still retries SlowDown and
-# dropped connections itself, up to 5 times, below ours; it has no option to turn that off.)
+# Fast retries. On the fsspec engine: ours, with botocore's own retries off (s3fs still
+# retries SlowDown and dropped connections itself, up to 5 times, below ours; it has no
+# option to turn that off). On the obstore engine: its client's, per request and per part.
 FAST_RETRY = {
-    "upload_retry_base_delay": 0.01,
-    "upload_retry_max_delay": 0.05,
-    "config_kwargs": {"retries": {"max_attempts": 1}},
+    "fsspec": {
+        "engine": "fsspec",
+        "upload_retry_base_delay": 0.01,
+        "upload_retry_max_delay": 0.05,
+        "config_kwargs": {"retries": {"max_attempts": 1}},
+    },
+    "obstore": {
+        "engine": "obstore",
+        "upload_retry_base_delay": 0.01,
+        "upload_retry_max_delay": 0.05,
+    },
 }
+ENGINES = sorted(FAST_RETRY)
 BIG = 64 * 1024 * 1024
 
 
@@ -44,13 +55,16 @@ def s3fs_for(endpoint: str) -> Any:
     return s3fs.S3FileSystem(**s3_options(endpoint))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_s3_end_to_end_many_small_and_two_large_files_manifest_last(
-    ray_wd: Path, bucket: str, fault_proxy: Any, moto_endpoint: str, tmp_path: Path
+    engine: str, ray_wd: Path, bucket: str, fault_proxy: Any, moto_endpoint: str, tmp_path: Path
 ) -> None:
     fault_proxy.reset()
 
     @ray.remote(max_retries=0)
-    @isolated_export(f"s3://{bucket}/runs/{{run_id}}", storage_options=s3_options(fault_proxy.url))
+    @isolated_export(
+        f"s3://{bucket}/runs/{{run_id}}", storage_options=s3_options(fault_proxy.url, engine=engine)
+    )
     def run(run_id: str) -> int:
         for i in range(1000):
             d = Path(f"export/part-{i % 10}")
@@ -90,14 +104,16 @@ def test_s3_end_to_end_many_small_and_two_large_files_manifest_last(
     assert files_under(out)["data/big-2.bin"] == big_content(2)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_transient_503s_and_dropped_connections_are_retried_to_a_complete_run(
-    ray_wd: Path, bucket: str, fault_proxy: Any, moto_endpoint: str
+    engine: str, ray_wd: Path, bucket: str, fault_proxy: Any, moto_endpoint: str
 ) -> None:
     fault_proxy.reset()
 
     @ray.remote(max_retries=0)
     @isolated_export(
-        f"s3://{bucket}/flaky/{{run_id}}", storage_options=s3_options(fault_proxy.url, **FAST_RETRY)
+        f"s3://{bucket}/flaky/{{run_id}}",
+        storage_options=s3_options(fault_proxy.url, **FAST_RETRY[engine]),
     )
     def run(run_id: str) -> None:
         for i in range(40):
@@ -115,11 +131,45 @@ def test_transient_503s_and_dropped_connections_are_retried_to_a_complete_run(
     assert len(manifest.files) == 40 == r.stats.files
 
 
-def test_persistent_failure_names_the_files_commits_nothing_and_keeps_artifacts(
+def test_the_obstore_engine_commits_a_complete_run_with_a_503_in_every_ten_requests(
     ray_wd: Path, bucket: str, fault_proxy: Any, moto_endpoint: str
 ) -> None:
     fault_proxy.reset()
-    opts = s3_options(fault_proxy.url, upload_retries=2, **FAST_RETRY)
+    part = 5 * 1024 * 1024
+    big = random.Random(3).randbytes(3 * part + 7)  # a multipart upload of four parts
+    opts = s3_options(fault_proxy.url, upload_part_size=part, **FAST_RETRY["obstore"])
+
+    @ray.remote(max_retries=0)
+    @isolated_export(f"s3://{bucket}/every10/{{run_id}}", storage_options=opts)
+    def run(run_id: str) -> None:
+        for i in range(200):
+            Path(f"export/{i % 7}").mkdir(exist_ok=True)
+            Path(f"export/{i % 7}/{i}.bin").write_bytes(small_content(i))
+        Path("data/big.bin").write_bytes(big)
+
+    fault_proxy.fail_every = 10
+    r = ray.get(run.remote("e1"))
+    failed = sum(1 for _, _, s in fault_proxy.log if s == 503)
+    fault_proxy.reset()
+    assert r.stats.extra["engine"] == "obstore"
+    assert failed >= 20  # one request in ten answered 503, and each was retried
+    fs = s3fs_for(moto_endpoint)
+    run_key = f"{bucket}/every10/e1"
+    manifest = Manifest.from_bytes(fs.cat_file(f"{run_key}/{MANIFEST_NAME}"))
+    assert len(manifest.files) == 201 == r.stats.files
+    for f in manifest.files:
+        assert checksum.of_bytes(fs.cat_file(f"{run_key}/{f.path}"), manifest.checksum) == f.digest
+    assert fs.cat_file(f"{run_key}/data/big.bin") == big
+    keys = {k.removeprefix(run_key + "/") for k in fs.find(run_key)}
+    assert keys == {f.path for f in manifest.files} | {MANIFEST_NAME}  # no lock, no leftovers
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_persistent_failure_names_the_files_commits_nothing_and_keeps_artifacts(
+    engine: str, ray_wd: Path, bucket: str, fault_proxy: Any, moto_endpoint: str
+) -> None:
+    fault_proxy.reset()
+    opts = s3_options(fault_proxy.url, upload_retries=2, **FAST_RETRY[engine])
 
     @ray.remote(max_retries=0)
     @isolated_export(f"s3://{bucket}/broken/{{run_id}}", storage_options=opts)
@@ -141,13 +191,19 @@ def test_persistent_failure_names_the_files_commits_nothing_and_keeps_artifacts(
     assert (kept / "data" / "doomed-2.bin").read_bytes() == b"2"
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_large_file_retries_a_failed_part_alone_and_aborts_when_parts_run_out(
-    ray_wd: Path, bucket: str, fault_proxy: Any, moto_endpoint: str
+    engine: str, ray_wd: Path, bucket: str, fault_proxy: Any, moto_endpoint: str
 ) -> None:
     fault_proxy.reset()
     part = 5 * 1024 * 1024
     content = random.Random(7).randbytes(3 * part + 123)  # four parts
-    opts = s3_options(fault_proxy.url, upload_part_size=part, upload_retries=1, **FAST_RETRY)
+    # Part 2 fails twice: s3fs's own SlowDown retries and ours ride it out with one of ours;
+    # obstore's client retries each part upload_retries times.
+    retries = {"fsspec": 1, "obstore": 2}[engine]
+    opts = s3_options(
+        fault_proxy.url, upload_part_size=part, upload_retries=retries, **FAST_RETRY[engine]
+    )
 
     @ray.remote(max_retries=0)
     @isolated_export(f"s3://{bucket}/parts/{{run_id}}", storage_options=opts)
@@ -155,10 +211,10 @@ def test_a_large_file_retries_a_failed_part_alone_and_aborts_when_parts_run_out(
         Path("data/big.bin").write_bytes(content)
 
     # Part 2 answers 503 twice: only that part is sent again, and the run is complete.
-    fault_proxy.fail_matching, fault_proxy.fail_next = "&partNumber=2", 2
+    fault_proxy.fail_matching, fault_proxy.fail_next = "[?&]partNumber=2(&|$)", 2
     r = ray.get(run.remote("p1"))
     sends = [(p, s) for m, p, s in fault_proxy.log if m == "PUT" and "partNumber=" in p]
-    assert [s for p, s in sends if "&partNumber=2" in p] == [503, 503, 200]
+    assert [s for p, s in sends if re.search("[?&]partNumber=2(&|$)", p)] == [503, 503, 200]
     assert sum(1 for p, s in sends if s == 200) == 4  # each part stored once
     fs = s3fs_for(moto_endpoint)
     got = fs.cat_file(f"{bucket}/parts/p1/data/big.bin")
@@ -168,7 +224,7 @@ def test_a_large_file_retries_a_failed_part_alone_and_aborts_when_parts_run_out(
     # Part 3 always fails: the export fails naming the file, the multipart upload is aborted
     # (no parts left stored and billed), nothing is committed, the file stays on the node.
     fault_proxy.reset()
-    fault_proxy.fail_matching, fault_proxy.fail_always = "&partNumber=3", True
+    fault_proxy.fail_matching, fault_proxy.fail_always = "[?&]partNumber=3(&|$)", True
     with pytest.raises(ExportError) as info:
         ray.get(run.remote("p2"))
     fault_proxy.reset()
@@ -188,7 +244,9 @@ def test_a_large_file_retries_a_failed_part_alone_and_aborts_when_parts_run_out(
     assert (kept_workspace(str(info.value)) / "data" / "big.bin").read_bytes() == content
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_secrets_never_appear_in_errors_logs_reprs_or_manifests(
+    engine: str,
     bucket: str,
     fault_proxy: Any,
     tmp_path: Path,
@@ -197,7 +255,7 @@ def test_secrets_never_appear_in_errors_logs_reprs_or_manifests(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     secret = "SUPERSECRET-do-not-print-123"
-    opts = s3_options(fault_proxy.url, upload_retries=1, **FAST_RETRY)
+    opts = s3_options(fault_proxy.url, upload_retries=1, **FAST_RETRY[engine])
     opts["secret"] = secret
 
     @isolated_export(f"s3://{bucket}/secret/{{run_id}}", storage_options=opts)
@@ -246,7 +304,7 @@ def test_a_second_call_to_a_committed_s3_run_is_refused_and_overwrite_replaces(
 
 HIDDEN_S3FS = """
 import sys, json
-sys.modules["s3fs"] = None  # as if raysync[s3] was not installed
+sys.modules["s3fs"] = sys.modules["obstore"] = None  # as if raysync[s3] was not installed
 from pathlib import Path
 import fsspec
 from raysync import checksum, isolated_export
@@ -282,6 +340,64 @@ def test_memory_works_without_extras_and_a_missing_extra_names_what_to_install(
     assert "pip install 'raysync[s3]'" in out["s3_error"]
     assert out["uri"] == "memory://runs/1"
     assert out["stored"] == out["pulled"] == "memory 1"
+
+
+ONE_CLIENT = """
+import sys, json
+sys.modules[sys.argv[1]] = None  # this client is not installed
+from pathlib import Path
+from raysync import isolated_export
+from raysync.errors import RaySyncError
+opts = json.loads(sys.argv[3])
+
+@isolated_export(sys.argv[2] + "/{i}", storage_options=opts)
+def f(i):
+    Path("export/x.txt").write_text(f"s3 {i}")
+
+r = f(1)
+r.materialize("out")
+try:
+    engine = {"obstore": "obstore", "s3fs": "fsspec"}[sys.argv[1]]
+    isolated_export(sys.argv[2] + "/{i}", storage_options={**opts, "engine": engine})
+    refused = ""
+except RaySyncError as e:
+    refused = str(e)
+print(json.dumps({"engine": r.stats.extra["engine"], "pulled": Path("out/export/x.txt").read_text(),
+                  "refused": refused}))
+"""
+
+
+@pytest.mark.parametrize("missing", ["obstore", "s3fs"])
+def test_s3_works_with_either_client_alone_and_names_the_extra_for_the_other(
+    missing: str, bucket: str, moto_endpoint: str, tmp_path: Path
+) -> None:
+    options = json.dumps(s3_options(moto_endpoint))
+    proc = subprocess.run(
+        [sys.executable, "-c", ONE_CLIENT, missing, f"s3://{bucket}/alone-{missing}", options],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["pulled"] == "s3 1"
+    assert out["engine"] == {"obstore": "fsspec", "s3fs": "obstore"}[missing]
+    assert "pip install 'raysync[s3]'" in out["refused"]
+
+
+def test_the_engine_option_is_checked_at_decoration() -> None:
+    with pytest.raises(ConfigError, match="engine"):
+        isolated_export("memory://x/{i}", storage_options={"engine": "boto"})
+    with pytest.raises(ConfigError, match="s3:// only"):
+        isolated_export("memory://x/{i}", storage_options={"engine": "obstore"})
+    with pytest.raises(ConfigError, match="config_kwargs") as info:
+        isolated_export(
+            "s3://b/x/{i}",
+            storage_options={"engine": "obstore", "config_kwargs": {}, "anon": True},
+        )
+    assert "engine='fsspec'" in str(info.value)
 
 
 def test_bad_upload_options_fail_at_decoration() -> None:

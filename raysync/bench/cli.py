@@ -51,9 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--calls", type=int, default=200, help="calls per overhead timing")
     parser.add_argument("--value-size", type=int, default=64, help="MiB per by-value call")
-    parser.add_argument("--endpoint", help="S3 API URL (default: a moto server it starts)")
     parser.add_argument(
-        "--no-tls", action="store_true", help="serve the moto server over plain HTTP"
+        "--endpoint", help="S3 API URL (default: a local server it starts, --s3-server)"
+    )
+    parser.add_argument(
+        "--s3-server",
+        choices=["auto", "rclone", "moto"],
+        default="auto",
+        help="the local S3 server to start: rclone serve s3 (fast enough that the clients are "
+        "measured; auto picks it when rclone is installed) or moto (about 200 PUTs/s)",
+    )
+    parser.add_argument(
+        "--no-tls", action="store_true", help="serve the local S3 server over plain HTTP"
     )
     parser.add_argument(
         "--tmp",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -31,10 +32,10 @@ def _status_kib(field_name: str) -> int | None:
 _CHILD_PEAK: list[int] = []
 
 
-def run_child(argv: list[str]) -> None:
+def run_child(argv: list[str], env: dict[str, str] | None = None) -> None:
     """Run a baseline command; record its own peak RSS (its VmHWM, polled while it runs:
     ``wait4``'s figure would count the bench's own pages the child shared before exec)."""
-    proc = subprocess.Popen(argv)
+    proc = subprocess.Popen(argv, env={**os.environ, **env} if env else None)
     peak = 0
     status = Path(f"/proc/{proc.pid}/status")
     while proc.poll() is None:

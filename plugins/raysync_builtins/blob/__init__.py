@@ -16,17 +16,14 @@ Commit protocol (docs/backends.md):
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import raysync
 from raysync import checksum, rules
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
-from raysync.copy import (
-    CHUNK,
-    plan_reuse,
-)
+from raysync.copy import plan_reuse
 from raysync.errors import (
     ConfigError,
     IntegrityError,
@@ -35,22 +32,16 @@ from raysync.errors import (
     RunExistsError,
     TreeError,
 )
-from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
+from raysync.manifest import MANIFEST_NAME, Manifest, check_relpath
 from raysync.result import ExportResult, place_run
 from raysync.target import Target, redact, split_scheme
 from raysync_builtins.blob.consts import CONDITIONAL, EXTRAS, LOCK_NAME, NOT_STORAGE
+from raysync_builtins.blob.engine_fsspec import FsspecEngine
 from raysync_builtins.blob.lock import RunLock, _Claim
 from raysync_builtins.blob.packing import read_packed, tar_packs
-from raysync_builtins.blob.store import (
-    Options,
-    cat_literal,
-    check_literal,
-    etag_of,
-    literal_problem,
-    put,
-    rm_literal,
-    with_retries,
-)
+from raysync_builtins.blob.reading import BlobReader, read_manifest
+from raysync_builtins.blob.select import choose, obstore_engine
+from raysync_builtins.blob.store import Engine, Options, check_literal, etag_of, with_retries
 from raysync_builtins.blob.upload import Uploads
 
 __all__ = ["LOCK_NAME", "BlobBackend", "read_packed", "tar_packs"]
@@ -71,8 +62,9 @@ class BlobBackend(RunLock, Uploads):
         return scheme not in NOT_STORAGE and scheme in fsspec.available_protocols()
 
     def check(self, target: Target) -> None:
-        Options.split(target.options)
-        self._fs_class(target.scheme)
+        opts, fs_options = Options.split(target.options)
+        if choose(target.scheme, fs_options, opts) == "fsspec":
+            self._fs_class(target.scheme)
         if not target.path.strip("/"):
             raise ConfigError(
                 f"{target.scheme}:// needs a bucket and a path",
@@ -98,32 +90,45 @@ class BlobBackend(RunLock, Uploads):
         return {}
 
     @staticmethod
-    def _open(uri: str, options: Mapping[str, Any]) -> tuple[Any, str, Options]:
+    def _open(uri: str, options: Mapping[str, Any]) -> tuple[Engine, str, Options]:
+        """The engine for this URI and options, the run's path (``bucket/key...``), and
+        raysync's own options."""
+        opts, fs_options = Options.split(options)
+        scheme, rest = split_scheme(uri)
+        engine = obstore_engine(scheme, rest, fs_options, opts)
+        if engine is not None:
+            path = rest.rstrip("/")
+            problem = engine.literal_problem(path) if path.strip("/") == path else "a leading '/'"
+            if problem:
+                raise ConfigError(
+                    f"{redact(uri)} does not name one literal location on this store ({problem})",
+                    hint="write the run's URI without '::', '?' or '#' parts",
+                )
+            return engine, path, opts
         import fsspec
 
-        opts, fs_options = Options.split(options)
         fs, path = fsspec.core.url_to_fs(uri, **fs_options)
         path = path.rstrip("/")
         # The run is exactly the path the URI names: never a chained URL's inner path, a
         # version of an object, or a path the client rewrote (DESIGN invariant 7).
-        scheme, rest = split_scheme(uri)
         try:
             literal = fs._strip_protocol(f"{scheme}://{rest}").rstrip("/")
         except Exception:  # noqa: BLE001 - a client that cannot parse it: refused below
             literal = None
-        problem = literal_problem(fs, path)
+        fs_engine = FsspecEngine(fs)
+        problem = fs_engine.literal_problem(path)
         if literal != path or problem:
             raise ConfigError(
                 f"{redact(uri)} does not name one literal location on this store "
                 f"({problem or f'the store reads it as {path!r}'})",
                 hint="write the run's URI without '::', '?' or '#' parts",
             )
-        return fs, path, opts
+        return fs_engine, path, opts
 
     # -- export ----------------------------------------------------------------------------
     def export(self, request: ExportRequest) -> ExportOutcome:
         uri = request.target.uri
-        fs, run, opts = self._open(uri, request.target.options)
+        engine, run, opts = self._open(uri, request.target.options)
         shown = redact(uri)
         for e in request.files:
             check_relpath(e.path)  # never a key outside the run (zip-slip)
@@ -134,33 +139,35 @@ class BlobBackend(RunLock, Uploads):
                     f"{e.path!r} is not a valid UTF-8 name, which object store keys must be",
                     hint="rename the file (its name holds bytes that are not UTF-8)",
                 ) from None
-            check_literal(fs, f"{run}/{e.path}", e.path)
+            check_literal(engine, f"{run}/{e.path}", e.path)
         conditional = request.target.scheme in CONDITIONAL
-        claim = self._claim(fs, run, request, opts, conditional=conditional, shown=shown)
+        claim = self._claim(engine, run, request, opts, conditional=conditional, shown=shown)
         manifest_path = f"{run}/{MANIFEST_NAME}"
         previous = claim.decision.previous
         old_gone = previous is None
         try:
             # Incremental: objects the run being replaced holds, unchanged, are not sent again.
-            reuse = self._verified_reuse(fs, run, request, claim, opts)
+            reuse = self._verified_reuse(engine, run, request, claim, opts)
             if previous is not None:
                 # The replaced run disappears whole before any of its objects change: a
                 # reader sees it, then no run, then the new one (never a mix).
                 with_retries(
                     "removing the replaced run's manifest",
-                    lambda: rm_literal(fs, [manifest_path]),
+                    lambda: engine.delete([manifest_path]),
                     opts,
+                    engine.is_transient,
                 )
                 old_gone = True
-            self._upload_all(fs, run, request, opts, shown, skip=reuse)
+            self._upload_all(engine, run, request, opts, shown, skip=reuse)
             data = request.manifest.to_bytes()
             with_retries(
                 "writing the manifest",
-                lambda: put(fs, manifest_path, data, create=conditional),
+                lambda: engine.put(manifest_path, data, create=conditional),
                 opts,
+                engine.is_transient,
             )
         except FileExistsError as e:
-            self._release(fs, run, opts, remove_data=False)
+            self._release(engine, run, opts, remove_data=False)
             raise RunExistsError(
                 "another call committed this run first",
                 uri=shown,
@@ -170,19 +177,23 @@ class BlobBackend(RunLock, Uploads):
             # Nothing was committed: give the run back (what is under it, which the claim
             # proved ours, and the lock), so that a retry or another call can take it. A
             # replaced run whose manifest is still there is left as it is; only the lock goes.
-            self._release(fs, run, opts, remove_data=old_gone)
+            self._release(engine, run, opts, remove_data=old_gone)
             raise
-        self._clean(fs, run, request.manifest, opts)
+        self._clean(engine, run, request.manifest, opts)
         reused = [e for e in request.files if e.path in reuse]
         return ExportOutcome(
             uri=uri,
             payload=Location(uri, dict(request.target.options)),
-            extra_stats={"reused_files": len(reused), "reused_bytes": sum(e.size for e in reused)},
+            extra_stats={
+                "reused_files": len(reused),
+                "reused_bytes": sum(e.size for e in reused),
+                "engine": engine.name,
+            },
         )
 
     @staticmethod
     def _verified_reuse(
-        fs: Any, run: str, request: ExportRequest, claim: _Claim, opts: Options
+        engine: Engine, run: str, request: ExportRequest, claim: _Claim, opts: Options
     ) -> set[str]:
         """The files the run being replaced holds unchanged, proven so: the store still shows
         the ETag recorded when the object was written, or (stores without ETags) the object's
@@ -207,8 +218,8 @@ class BlobBackend(RunLock, Uploads):
                     ok.add(e.path)
                 continue
             try:
-                read = functools.partial(fs.cat_file, key)
-                data = with_retries(f"reading {e.path} back", read, opts)
+                read = functools.partial(engine.get, key)
+                data = with_retries(f"reading {e.path} back", read, opts, engine.is_transient)
             except FileNotFoundError:
                 continue
             if checksum.of_bytes(data, request.checksum) == e.digest:
@@ -217,13 +228,19 @@ class BlobBackend(RunLock, Uploads):
 
     def list_runs(self, target: Target) -> list[RunInfo]:
         """Runs under a prefix: each manifest is a run; a lock without one is incomplete."""
-        fs, prefix, opts = self._open(target.uri, target.options)
+        engine, prefix, opts = self._open(target.uri, target.options)
         scheme = target.scheme
-        keys = with_retries("listing the prefix", lambda: fs.find(prefix), opts)
+        keys = list(
+            with_retries(
+                "listing the prefix", lambda: engine.listing(prefix), opts, engine.is_transient
+            )
+        )
         manifests = [k for k in keys if k.endswith("/" + MANIFEST_NAME) or k == MANIFEST_NAME]
         locks = [k for k in keys if k.endswith("/" + LOCK_NAME)]
         got = (
-            with_retries("reading manifests", lambda: cat_literal(fs, manifests), opts)
+            with_retries(
+                "reading manifests", lambda: engine.get_many(manifests), opts, engine.is_transient
+            )
             if manifests
             else {}
         )
@@ -240,16 +257,16 @@ class BlobBackend(RunLock, Uploads):
         return sorted(runs, key=lambda r: r.uri)
 
     def open_run(self, target: Target) -> RunReader:
-        fs, run, opts = self._open(target.uri, target.options)
-        return _BlobReader(redact(target.uri), fs, run, opts)
+        engine, run, opts = self._open(target.uri, target.options)
+        return BlobReader(redact(target.uri), engine, run, opts)
 
     def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
         loc = result.payload
         if not isinstance(loc, Location):
             raise MaterializeError("this result does not say where its run is stored")
-        fs, run, opts = self._open(loc.uri, loc.options)
+        engine, run, opts = self._open(loc.uri, loc.options)
         shown = redact(loc.uri)
-        committed = self._read_manifest(fs, run, shown, opts)
+        committed = read_manifest(engine, run, shown, opts)
         if committed is None:
             raise MaterializeError(f"{shown} has no manifest: the run is incomplete or gone")
         if not rules.same_commit(committed.run, result.manifest.run):
@@ -257,55 +274,12 @@ class BlobBackend(RunLock, Uploads):
                 "the run at this URI was replaced by another call", uri=shown, bad=[MANIFEST_NAME]
             )
 
-        small = [f for f in committed.files if f.size <= opts.upload_part_size and f.pack is None]
-        packs: dict[str, bytes] = {}
-        position = {f.path: i for i, f in enumerate(small)}
-        fetched: dict[str, bytes] = {}
-
-        def fetch_batch(start: int) -> None:
-            # Small files are fetched many at a time (fs.cat runs the GETs concurrently),
-            # at most upload_bytes_in_flight bytes per batch.
-            batch: list[str] = []
-            size = 0
-            for f in small[start:]:
-                if batch and size + f.size > opts.upload_bytes_in_flight:
-                    break
-                batch.append(f"{run}/{f.path}")
-                size += f.size
-            got = with_retries("downloading files", lambda: cat_literal(fs, batch), opts)
-            fetched.clear()
-            fetched.update({p.removeprefix(run + "/"): data for p, data in got.items()})
-
-        def read(entry: FileEntry) -> Iterator[bytes]:
-            if entry.pack is not None:
-                yield read_packed(fs, run, entry, packs, opts)
-                return
-            if entry.path in position:
-                if entry.path not in fetched:
-                    fetch_batch(position[entry.path])
-                yield fetched.pop(entry.path)
-                return
-            with fs.open(f"{run}/{entry.path}", "rb", block_size=opts.upload_part_size) as f:
-                yield from iter(lambda: f.read(CHUNK), b"")
-
-        place_run(dest, committed, read, uri=shown, overwrite=overwrite)
-
-
-class _BlobReader(RunReader):
-    def __init__(self, uri: str, fs: Any, run: str, opts: Options) -> None:
-        super().__init__(uri)
-        self.fs, self.run, self.opts = fs, run, opts
-        self._pack_cache: dict[str, bytes] = {}
-
-    def manifest(self) -> Manifest | None:
-        return BlobBackend._read_manifest(self.fs, self.run, self.uri, self.opts)
-
-    def read(self, entry: FileEntry) -> Iterator[bytes]:
-        if entry.pack is not None:
-            yield read_packed(self.fs, self.run, entry, self._pack_cache, self.opts)
-            return
-        with self.fs.open(f"{self.run}/{check_relpath(entry.path)}", "rb") as f:
-            yield from iter(lambda: f.read(CHUNK), b"")
+        reader = BlobReader(shown, engine, run, opts)
+        reader.prefetch(committed.files)
+        try:
+            place_run(dest, committed, reader.read, uri=shown, overwrite=overwrite)
+        finally:
+            reader.close()
 
 
 @raysync.hookimpl

@@ -15,14 +15,8 @@ from raysync.errors import (
 )
 from raysync.manifest import MANIFEST_NAME, Manifest
 from raysync_builtins.blob.consts import LOCK_NAME
-from raysync_builtins.blob.store import (
-    Options,
-    listing,
-    log,
-    put,
-    rm_literal,
-    with_retries,
-)
+from raysync_builtins.blob.reading import read_manifest
+from raysync_builtins.blob.store import Engine, Options, log, with_retries
 
 
 @dataclass(frozen=True)
@@ -38,7 +32,7 @@ class RunLock:
 
     def _claim(
         self,
-        fs: Any,
+        engine: Engine,
         run: str,
         request: ExportRequest,
         opts: Options,
@@ -56,16 +50,17 @@ class RunLock:
         run_record = request.manifest.run
         body = json.dumps(rules.claim_record(run_record)).encode()
         lock_path = f"{run}/{LOCK_NAME}"
-        self._look(fs, run, request, opts, shown)  # refuse before writing anything
+        self._look(engine, run, request, opts, shown)  # refuse before writing anything
         for _ in range(3):
             try:
                 with_retries(
                     "taking the run lock",
-                    lambda: put(fs, lock_path, body, create=conditional),
+                    lambda: engine.put(lock_path, body, create=conditional),
                     opts,
+                    engine.is_transient,
                 )
             except FileExistsError:
-                holder = self._holder(fs, lock_path, opts)
+                holder = self._holder(engine, lock_path, opts)
                 if holder is None:
                     continue  # released between our write and our read: look again
                 rules.decide(
@@ -78,12 +73,15 @@ class RunLock:
                 )
                 # An earlier attempt of this very call died holding the lock: take it over.
                 with_retries(
-                    "taking the run lock", lambda: put(fs, lock_path, body, create=False), opts
+                    "taking the run lock",
+                    lambda: engine.put(lock_path, body, create=False),
+                    opts,
+                    engine.is_transient,
                 )
             try:
-                return self._look(fs, run, request, opts, shown, above=True)
+                return self._look(engine, run, request, opts, shown, above=True)
             except BaseException:
-                self._release(fs, run, opts, remove_data=False)
+                self._release(engine, run, opts, remove_data=False)
                 raise
         raise RunExistsError(
             "other calls keep taking and releasing this run's lock",
@@ -93,7 +91,7 @@ class RunLock:
 
     def _look(
         self,
-        fs: Any,
+        engine: Engine,
         run: str,
         request: ExportRequest,
         opts: Options,
@@ -104,10 +102,12 @@ class RunLock:
         """List the run and apply the conflict decision to what is there; with ``above``
         (once the lock is held: the look that counts), also look for a run in every prefix
         above it (a HEAD per prefix and name, so not on the look before the lock too)."""
-        found = with_retries("listing the run", lambda: listing(fs, run), opts)
+        found = with_retries(
+            "listing the run", lambda: engine.listing(run), opts, engine.is_transient
+        )
         lock_path, manifest_path = f"{run}/{LOCK_NAME}", f"{run}/{MANIFEST_NAME}"
-        holder = self._holder(fs, lock_path, opts) if lock_path in found else None
-        existing = self._read_manifest(fs, run, shown, opts) if manifest_path in found else None
+        holder = self._holder(engine, lock_path, opts) if lock_path in found else None
+        existing = read_manifest(engine, run, shown, opts) if manifest_path in found else None
         others = [k for k in found if k not in (lock_path, manifest_path)]
         nested = [k for k in others if k.rsplit("/", 1)[-1] in (MANIFEST_NAME, LOCK_NAME)]
         own_lock = holder is not None and rules.same_call(holder, request.manifest.run)
@@ -125,7 +125,7 @@ class RunLock:
             conflict=request.conflict,
             uri=shown,
             leftover_owner=holder if existing is None and not own_lock else None,
-            inside=self._enclosing_run(fs, run, opts) if above else None,
+            inside=self._enclosing_run(engine, run, opts) if above else None,
             unlisted=unlisted,
             nested=[k[len(run) + 1 :] for k in nested],
         )
@@ -142,7 +142,7 @@ class RunLock:
         return _Claim(decision, found)
 
     @staticmethod
-    def _enclosing_run(fs: Any, run: str, opts: Options) -> str | None:
+    def _enclosing_run(engine: Engine, run: str, opts: Options) -> str | None:
         """A run (committed, or being written: its lock) in a prefix above ``run`` (up to
         the bucket), if there is one."""
         parts = run.split("/")
@@ -150,18 +150,19 @@ class RunLock:
             prefix = "/".join(parts[:n])
             if not prefix.strip("/"):
                 break
-            fs.invalidate_cache(prefix)
             for name in (MANIFEST_NAME, LOCK_NAME):
-                look = functools.partial(fs.exists, f"{prefix}/{name}")
-                if with_retries("looking for an enclosing run", look, opts):
+                look = functools.partial(engine.exists, f"{prefix}/{name}")
+                if with_retries("looking for an enclosing run", look, opts, engine.is_transient):
                     return prefix
         return None
 
     @staticmethod
-    def _holder(fs: Any, lock_path: str, opts: Options) -> dict[str, Any] | None:
+    def _holder(engine: Engine, lock_path: str, opts: Options) -> dict[str, Any] | None:
         """Who holds the lock (``None``: no lock any more)."""
         try:
-            data = with_retries("reading the run lock", lambda: fs.cat_file(lock_path), opts)
+            data = with_retries(
+                "reading the run lock", lambda: engine.get(lock_path), opts, engine.is_transient
+            )
         except FileNotFoundError:
             return None
         try:
@@ -171,17 +172,21 @@ class RunLock:
         return holder if isinstance(holder, dict) else {"task_id": "unreadable lock"}
 
     @staticmethod
-    def _release(fs: Any, run: str, opts: Options, *, remove_data: bool) -> None:
+    def _release(engine: Engine, run: str, opts: Options, *, remove_data: bool) -> None:
         """After a failed export: delete what is under the run (the claim proved it ours)
         when ``remove_data``, and the lock, last."""
         lock = f"{run}/{LOCK_NAME}"
         try:
             if remove_data:
-                found = listing(fs, run)
+                found = engine.listing(run)
                 paths = [p for p in found if p not in (lock, f"{run}/{MANIFEST_NAME}")]
                 if paths:
-                    with_retries("releasing the run", lambda: rm_literal(fs, paths), opts)
-            with_retries("releasing the run lock", lambda: rm_literal(fs, [lock]), opts)
+                    with_retries(
+                        "releasing the run", lambda: engine.delete(paths), opts, engine.is_transient
+                    )
+            with_retries(
+                "releasing the run lock", lambda: engine.delete([lock]), opts, engine.is_transient
+            )
         except Exception as e:  # noqa: BLE001 - the export's own error is the one to raise
             log.warning(
                 "raysync: could not release the run after a failed export (%s); delete %s "
@@ -191,28 +196,23 @@ class RunLock:
             )
 
     @staticmethod
-    def _clean(fs: Any, run: str, manifest: Manifest, opts: Options) -> None:
+    def _clean(engine: Engine, run: str, manifest: Manifest, opts: Options) -> None:
         """After the commit: remove objects the manifest does not list (a replaced run's or a
         dead attempt's), then the lock."""
         lock = f"{run}/{LOCK_NAME}"
         keep = {f"{run}/{f.path}" for f in manifest.files} | {f"{run}/{MANIFEST_NAME}", lock}
         keep |= {f"{run}/{f.pack['object']}" for f in manifest.files if f.pack is not None}
         try:
-            stale = [p for p in listing(fs, run) if p not in keep]
+            stale = [p for p in engine.listing(run) if p not in keep]
             if stale:
-                with_retries("removing stale objects", lambda: rm_literal(fs, stale), opts)
-            with_retries("releasing the run lock", lambda: rm_literal(fs, [lock]), opts)
+                with_retries(
+                    "removing stale objects",
+                    lambda: engine.delete(stale),
+                    opts,
+                    engine.is_transient,
+                )
+            with_retries(
+                "releasing the run lock", lambda: engine.delete([lock]), opts, engine.is_transient
+            )
         except Exception as e:  # noqa: BLE001 - the run is committed; leftovers are harmless
             log.warning("raysync: could not remove stale objects under the run: %s", e)
-
-    @staticmethod
-    def _read_manifest(fs: Any, run: str, shown: str, opts: Options) -> Manifest | None:
-        try:
-            data = with_retries(
-                "reading the manifest", lambda: fs.cat_file(f"{run}/{MANIFEST_NAME}"), opts
-            )
-        except FileNotFoundError:
-            return None
-        return Manifest.from_bytes(data, uri=shown)
-
-    # -- read back ---------------------------------------------------------------------------

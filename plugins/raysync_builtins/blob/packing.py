@@ -6,7 +6,6 @@ import tarfile
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 from raysync.copy import (
     read_and_hash,
@@ -16,11 +15,7 @@ from raysync.errors import (
 )
 from raysync.manifest import FileEntry, check_relpath
 from raysync_builtins.blob.consts import _TAR_BLOCK, PACK_PREFIX
-from raysync_builtins.blob.store import (
-    ByteBudget,
-    Options,
-    with_retries,
-)
+from raysync_builtins.blob.store import ByteBudget, Engine, Options, with_retries
 
 
 def tar_packs(
@@ -63,7 +58,7 @@ def tar_packs(
 
 
 def read_packed(
-    fs: Any, run: str, entry: FileEntry, cache: dict[str, bytes], opts: Options
+    engine: Engine, run: str, entry: FileEntry, cache: dict[str, bytes], opts: Options
 ) -> bytes:
     """A packed file's bytes. Its archive is fetched with one GET and kept (one archive at a
     time) for the files after it, which the manifest lists in archive order."""
@@ -85,5 +80,7 @@ def read_packed(
     data = cache.get(key)
     if data is None:
         cache.clear()
-        data = cache[key] = with_retries(f"downloading {obj}", lambda: fs.cat_file(key), opts)
+        data = cache[key] = with_retries(
+            f"downloading {obj}", lambda: engine.get(key), opts, engine.is_transient
+        )
     return data[offset : offset + entry.size]

@@ -1,66 +1,78 @@
-"""The fsspec-blob backend's store primitives: options, retries, a bytes budget, and object
-operations that take every name literally.
-
-fsspec expands ``*``, ``?`` and ``[`` in the paths given to ``rm`` and ``cat`` as globs, and
-s3fs reads ``?versionId=`` in a key as a version. A run named ``exp?`` would then delete the
-files of ``exp1``, and a file named ``page?versionId=3`` would be uploaded over ``page``. So
-every multi-path call here sends names with glob characters one by one through the
-single-object calls (which are literal), and a key the store's client would not keep as
-written is refused before anything is sent.
-"""
+"""The fsspec-blob backend's store primitives: options, retries, a bytes budget, and the
+:class:`Engine` protocol: the object calls, made by fsspec (``engine_fsspec``) or by obstore
+(``engine_obstore``), each taking every name literally."""
 
 from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from raysync import redaction
 from raysync.errors import ConfigError, RaySyncError, TreeError
+from raysync.manifest import FileEntry
 from raysync.retry import RetryPolicy
 
 log = redaction.logger("raysync.blob")
-
-#: Characters fsspec's ``expand_path`` treats as a glob.
-_MAGIC = frozenset("*?[")
-
-
-def put(fs: Any, path: str, data: bytes, *, create: bool) -> str | None:
-    """Write one small object; ``create`` asks the store to refuse an existing one. Returns
-    the store's tag of what it stored (S3's ETag), when the client reports one."""
-    out = fs.pipe_file(path, data, mode="create") if create else fs.pipe_file(path, data)
-    return etag_of(out)
 
 
 def etag_of(info: Any) -> str | None:
     """The ETag in an object's info or a PUT response (``None`` when the store has none)."""
     if not isinstance(info, Mapping):
         return None
-    tag = info.get("ETag") or info.get("etag")
+    tag = info.get("ETag") or info.get("etag") or info.get("e_tag")
     return str(tag).strip('"') if tag else None
 
 
-def literal_problem(fs: Any, path: str) -> str | None:
-    """Why the store's client would not write ``path`` as written (``None``: it would)."""
-    try:
-        stripped = fs._strip_protocol(path)
-    except Exception as e:  # noqa: BLE001 - any failure means: not literal
-        return f"the store's client cannot parse it ({type(e).__name__})"
-    if stripped.rstrip("/") != path.rstrip("/"):
-        return f"the store's client reads it as {stripped!r}"
-    split = getattr(fs, "split_path", None)
-    if callable(split):
-        bucket, key, version = split(path)
-        if version is not None or f"{bucket}/{key}".rstrip("/") != path.lstrip("/").rstrip("/"):
-            return "the store's client reads part of it as an object version"
-    return None
+class Engine(Protocol):
+    """The object calls the backend makes, whichever client makes them (fsspec, obstore).
+
+    Paths are ``bucket/key`` (or a protocol's own path) strings, taken literally: never a
+    pattern, a version or a rewritten name. ``FileNotFoundError`` means no object;
+    ``FileExistsError`` means a ``create`` put found one."""
+
+    #: The engine's name, reported in the export's stats ("fsspec", "obstore").
+    name: str
+
+    def literal_problem(self, path: str) -> str | None:
+        """Why the client would not keep ``path`` as written (``None``: it would)."""
+
+    def put(self, path: str, data: bytes | bytearray | memoryview, *, create: bool) -> str | None:
+        """Write one object (``create``: refuse an existing one); its ETag when known."""
+
+    def get(self, path: str) -> bytes: ...
+
+    def get_many(self, paths: list[str]) -> dict[str, bytes]:
+        """The bytes of exactly ``paths``, fetched concurrently."""
+
+    def exists(self, path: str) -> bool: ...
+
+    def listing(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Every object under ``prefix/`` with its info (``size``, ``etag``), read from the
+        store (never from a cache)."""
+
+    def delete(self, paths: Iterable[str]) -> None:
+        """Delete exactly ``paths``; missing ones are fine."""
+
+    def upload_file(
+        self, path: str, entry: FileEntry, algorithm: str, opts: Options, budget: ByteBudget
+    ) -> str | None:
+        """Send a large file, read once and hashed as it is read (``entry.digest`` set);
+        parts in flight within ``budget``; an unfinished multipart upload aborted on failure.
+        Returns the ETag."""
+
+    def read_chunks(self, path: str, block_size: int) -> Iterator[bytes]:
+        """An object's bytes, streamed."""
+
+    def is_transient(self, e: BaseException) -> bool:
+        """Worth retrying once the client's own retries gave up."""
 
 
-def check_literal(fs: Any, path: str, name: str) -> None:
-    """Refuse a key the store would not keep as written (:func:`literal_problem`)."""
-    problem = literal_problem(fs, path)
+def check_literal(engine: Engine, path: str, name: str) -> None:
+    """Refuse a key the store would not keep as written (:meth:`Engine.literal_problem`)."""
+    problem = engine.literal_problem(path)
     if problem:
         raise TreeError(
             f"{name!r} cannot be an object name on this store: {problem}",
@@ -68,68 +80,7 @@ def check_literal(fs: Any, path: str, name: str) -> None:
         )
 
 
-def _has_magic(path: str) -> bool:
-    return not _MAGIC.isdisjoint(path)
-
-
-def _literal_single(fs: Any, method: str) -> Callable[[str], Any]:
-    """The single-object call ``method`` (``rm_file``, ``cat_file``), refusing a file system
-    whose implementation would expand globs in it."""
-    from fsspec.asyn import AsyncFileSystem
-
-    if method == "rm_file" and getattr(type(fs), "_rm_file", None) is AsyncFileSystem._rm_file:
-        raise TreeError(
-            f"this store's fsspec client ({type(fs).__name__}) deletes names with '*', '?' or "
-            "'[' as patterns, so raysync cannot delete such a file there safely",
-            hint="rename the files and runs without '*', '?' and '['",
-        )
-    fn: Callable[[str], Any] = getattr(fs, method)
-    return fn
-
-
-def rm_literal(fs: Any, paths: Iterable[str]) -> None:
-    """Delete exactly ``paths`` (missing ones are fine), never a pattern's matches."""
-    plain: list[str] = []
-    magic: list[str] = []
-    for p in paths:
-        (magic if _has_magic(p) else plain).append(p)
-    if plain:
-        try:
-            fs.rm(plain)
-        except FileNotFoundError:
-            for p in plain:
-                try:
-                    fs.rm_file(p)
-                except FileNotFoundError:
-                    pass
-    if magic:
-        rm_file = _literal_single(fs, "rm_file")
-        for p in magic:
-            try:
-                rm_file(p)
-            except FileNotFoundError:
-                pass
-
-
-def cat_literal(fs: Any, paths: list[str]) -> dict[str, bytes]:
-    """The bytes of exactly ``paths`` (concurrently where the client can), never a pattern's."""
-    plain = [p for p in paths if not _has_magic(p)]
-    out: dict[str, bytes] = dict(fs.cat(plain)) if plain else {}
-    for p in paths:
-        if _has_magic(p):
-            out[p] = fs.cat_file(p)
-    return out
-
-
-def listing(fs: Any, run: str) -> dict[str, dict[str, Any]]:
-    """Every object under the run prefix, with its info (size, ETag), read from the store
-    (not from the client's listing cache)."""
-    fs.invalidate_cache(run)
-    try:
-        found = fs.find(run, detail=True)
-    except FileNotFoundError:
-        return {}
-    return {k.rstrip("/"): v for k, v in found.items() if v.get("type", "file") != "directory"}
+ENGINES = ("auto", "obstore", "fsspec")
 
 
 @dataclass(frozen=True)
@@ -148,6 +99,9 @@ class Options:
     upload_retries: int = 6
     upload_retry_base_delay: float = 0.2
     upload_retry_max_delay: float = 10.0
+    #: Which client makes the object calls: "auto" (obstore for s3:// when it is installed
+    #: and understands every option, else fsspec), "obstore" or "fsspec".
+    engine: str = "auto"
 
     @classmethod
     def split(cls, options: Mapping[str, Any]) -> tuple[Options, dict[str, Any]]:
@@ -159,12 +113,17 @@ class Options:
                 f"unknown storage_options {unknown}; raysync's upload options "
                 f"are {sorted(cls.__dataclass_fields__)}"
             )
+        engine = ours.pop("engine", "auto")
+        if engine not in ENGINES:
+            raise ConfigError(
+                f"storage_options['engine'] must be one of {list(ENGINES)}, not {engine!r}"
+            )
         for k, v in ours.items():
             if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
                 raise ConfigError(
                     f"storage_options[{k!r}] must be a non-negative number, not {v!r}"
                 )
-        opts = cls(**ours)
+        opts = cls(**ours, engine=engine)
         if (
             opts.upload_concurrency < 1
             or opts.upload_part_concurrency < 1
@@ -184,6 +143,10 @@ class ByteBudget:
     def __init__(self, limit: int) -> None:
         self._limit, self._used = limit, 0
         self._cond = threading.Condition()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
 
     def acquire(self, n: int) -> int:
         n = min(n, self._limit)  # one item larger than the budget still runs, alone
@@ -239,10 +202,26 @@ def is_transient(e: BaseException) -> bool:
     return not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS))
 
 
-def with_retries(what: str, fn: Callable[[], Any], opts: Options) -> Any:
-    """Call ``fn`` under the kit's retry policy, retrying the errors :func:`is_transient`
-    accepts."""
+def with_retries(
+    what: str,
+    fn: Callable[[], Any],
+    opts: Options,
+    transient: Callable[[BaseException], bool] = is_transient,
+) -> Any:
+    """Call ``fn`` under the kit's retry policy, retrying the errors ``transient`` accepts."""
     policy = RetryPolicy(
         opts.upload_retries, opts.upload_retry_base_delay, opts.upload_retry_max_delay
     )
-    return policy.call(what, fn, transient=is_transient)
+    return policy.call(what, fn, transient=transient)
+
+
+#: S3 allows at most this many parts in one multipart upload.
+MAX_PARTS = 10_000
+
+
+def part_size_for(size: int, opts: Options) -> int:
+    """The part size for a file of ``size`` bytes: ``upload_part_size``, or larger (in whole
+    MiB) so that the file takes at most 9,000 parts (S3 allows 10,000: room to spare)."""
+    mib = 1024 * 1024
+    need = -(-size // 9_000)
+    return max(opts.upload_part_size, -(-need // mib) * mib)
