@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from raysync import checksum
 
@@ -41,6 +42,9 @@ except ImportError:  # not on Windows
     fcntl = None  # type: ignore[assignment]
 from raysync.errors import TreeError
 from raysync.manifest import FileEntry, Manifest
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 CHUNK = 1 << 20
 #: Files from this size on are streamed in chunks by the thread pool; smaller ones are read
@@ -53,6 +57,20 @@ MEMORY_FS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
 def copy_threads() -> int:
     """Threads for large files: two per core, at least 2, at most 8."""
     return max(2, min(8, 2 * (os.cpu_count() or 1)))
+
+
+def map_batched(
+    fn: Callable[[T], R], items: Sequence[T], *, threads: int | None = None, batch: int = 64
+) -> list[R]:
+    """``[fn(x) for x in items]`` on ``threads`` threads, handing each thread a batch of
+    items at a time: one pool submit per item costs as much as hashing a small file."""
+    n = threads or copy_threads()
+    if len(items) < 2 or n < 2:
+        return [fn(x) for x in items]
+    size = max(1, min(batch, -(-len(items) // n)))
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    with ThreadPoolExecutor(min(n, len(chunks)), thread_name_prefix="raysync-batch") as pool:
+        return [r for chunk in pool.map(lambda c: [fn(x) for x in c], chunks) for r in chunk]
 
 
 def fs_type(path: Path) -> str:
@@ -275,14 +293,21 @@ def _hash_file_into(path: str | Path, entry: FileEntry, algorithm: str) -> None:
     """Set ``entry.digest`` from the file at ``path``, which must be ``entry.size`` long
     (``entry.source`` itself is opened with :func:`open_source`'s checks)."""
     h = checksum.new(algorithm)
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
     seen = 0
     src = open_source_file(entry) if path is entry.source else io.FileIO(path, "rb")
     with src as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            seen += n
+        if entry.size < CHUNK:  # one read (and one more to see the end): no chunk buffer
+            data = f.read(entry.size + 1)
+            while len(data) <= entry.size and (more := f.read(entry.size + 1 - len(data))):
+                data += more  # a short read (network file systems)
+            h.update(data)
+            seen = len(data)
+        else:
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                h.update(view[:n])
+                seen += n
     if seen != entry.size:
         raise changed_error(entry, seen)
     entry.digest = h.hexdigest()

@@ -25,12 +25,11 @@ import shutil
 import stat
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from raysync.backend import ExportRequest, RunInfo, RunReader
-from raysync.copy import copy_threads, hash_entry
+from raysync.copy import hash_entry, map_batched
 from raysync.errors import (
     DestinationError,
     DestinationNotVisibleError,
@@ -296,13 +295,7 @@ def link_reused(
             return None
         return entry.path
 
-    if not pairs:
-        return set()
-    if len(pairs) == 1:
-        got = [one(pairs[0])]
-    else:
-        with ThreadPoolExecutor(threads or copy_threads(), thread_name_prefix="raysync-link") as p:
-            got = list(p.map(one, pairs))
+    got = map_batched(one, pairs, threads=threads, batch=16)
     return {path for path in got if path is not None}
 
 

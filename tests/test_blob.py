@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import subprocess
@@ -385,6 +386,57 @@ def test_s3_works_with_either_client_alone_and_names_the_extra_for_the_other(
     assert out["pulled"] == "s3 1"
     assert out["engine"] == {"obstore": "fsspec", "s3fs": "obstore"}[missing]
     assert "pip install 'raysync[s3]'" in out["refused"]
+
+
+CREDENTIALS_FROM = """
+import sys, json
+from pathlib import Path
+from raysync import isolated_export
+opts = json.loads(sys.argv[2])
+
+@isolated_export(sys.argv[1] + "/{i}", storage_options=opts)
+def f(i):
+    Path("export/x.txt").write_text(f"creds {i}")
+
+r = f(1)
+print(json.dumps({"engine": r.stats.extra["engine"]}))
+"""
+
+
+@pytest.mark.parametrize("where", ["profile", "environment"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_credentials_from_an_aws_profile_or_the_environment_work_on_both_engines(
+    where: str, engine: str, bucket: str, moto_endpoint: str, tmp_path: Path
+) -> None:
+    """Without the profile's or the environment's credentials both clients fail (botocore:
+    no credentials; obstore: none from the instance metadata service either)."""
+    client = {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}
+    opts: dict[str, Any] = {"client_kwargs": client, "engine": engine}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
+    if where == "profile":
+        (tmp_path / "credentials").write_text(
+            "[research]\naws_access_key_id = AKIAPROFILE0000000000\n"
+            "aws_secret_access_key = profile-secret\n"
+        )
+        env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "credentials")
+        opts["profile"] = "research"
+    else:
+        env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = "AKIAENV", "env-secret"
+    uri = f"s3://{bucket}/creds-{where}-{engine}"
+    proc = subprocess.run(
+        [sys.executable, "-c", CREDENTIALS_FROM, uri, json.dumps(opts)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["engine"] == engine
+    fs = s3fs_for(moto_endpoint)
+    assert fs.cat_file(f"{bucket}/creds-{where}-{engine}/1/export/x.txt") == b"creds 1"
 
 
 def test_the_engine_option_is_checked_at_decoration() -> None:

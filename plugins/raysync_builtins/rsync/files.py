@@ -10,13 +10,12 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from raysync import redaction, rules
 from raysync.backend import ExportRequest, RunReader
-from raysync.copy import copy_threads, hash_entry, open_source
+from raysync.copy import hash_entry, map_batched, open_source
 from raysync.dirrun import (
     DirReader,
 )
@@ -115,12 +114,7 @@ def _hash_staged(staging: Path, files: list[FileEntry], algorithm: str) -> None:
             )
         entry.digest = probe.digest
 
-    if len(files) < 2:
-        for e in files:
-            one(e)
-        return
-    with ThreadPoolExecutor(copy_threads(), thread_name_prefix="raysync-rsync-hash") as pool:
-        list(pool.map(one, files))
+    map_batched(one, files)
 
 
 def unchanged_since_scan(files: list[FileEntry]) -> None:
