@@ -297,7 +297,7 @@ def _hash_file_into(path: str | Path, entry: FileEntry, algorithm: str) -> None:
     src = open_source_file(entry) if path is entry.source else io.FileIO(path, "rb")
     with src as f:
         if entry.size < CHUNK:  # one read (and one more to see the end): no chunk buffer
-            data = f.read(entry.size + 1)
+            data = f.read(entry.size + 1) or b""
             while len(data) <= entry.size and (more := f.read(entry.size + 1 - len(data))):
                 data += more  # a short read (network file systems)
             h.update(data)
@@ -326,6 +326,19 @@ def read_and_hash(entry: FileEntry, into: memoryview, algorithm: str = checksum.
     if seen != entry.size or extra:
         raise changed_error(entry, seen + len(extra))
     entry.digest = checksum.of_bytes(into, algorithm)
+
+
+def read_hashed(entry: FileEntry, algorithm: str = checksum.DEFAULT) -> bytes:
+    """``entry.source``'s bytes (exactly ``entry.size``), its digest set: for a file sent
+    whole from memory (no zeroed buffer to fill, one copy)."""
+    with open_source_file(entry) as src:
+        data = src.read(entry.size + 1) or b""
+        while len(data) <= entry.size and (more := src.read(entry.size + 1 - len(data))):
+            data += more  # a short read (network file systems)
+    if len(data) != entry.size:
+        raise changed_error(entry, len(data))
+    entry.digest = checksum.of_bytes(data, algorithm)
+    return data
 
 
 class HashedSource:

@@ -179,7 +179,7 @@ class BlobBackend(RunLock, Uploads):
             # replaced run whose manifest is still there is left as it is; only the lock goes.
             self._release(engine, run, opts, remove_data=old_gone)
             raise
-        self._clean(engine, run, request.manifest, opts)
+        self._clean(engine, run, request.manifest, opts, claim)
         reused = [e for e in request.files if e.path in reuse]
         return ExportOutcome(
             uri=uri,

@@ -196,14 +196,19 @@ class RunLock:
             )
 
     @staticmethod
-    def _clean(engine: Engine, run: str, manifest: Manifest, opts: Options) -> None:
+    def _clean(
+        engine: Engine, run: str, manifest: Manifest, opts: Options, claimed: _Claim
+    ) -> None:
         """After the commit: remove objects the manifest does not list (a replaced run's or a
-        dead attempt's), then the lock."""
+        dead attempt's), then the lock. When the run held nothing but our lock once the lock
+        was held, no other export wrote under it since (the lock keeps them out): nothing to
+        list, only the lock to remove."""
         lock = f"{run}/{LOCK_NAME}"
         keep = {f"{run}/{f.path}" for f in manifest.files} | {f"{run}/{MANIFEST_NAME}", lock}
         keep |= {f"{run}/{f.pack['object']}" for f in manifest.files if f.pack is not None}
         try:
-            stale = [p for p in engine.listing(run) if p not in keep]
+            fresh = set(claimed.listing) <= {lock}
+            stale = [] if fresh else [p for p in engine.listing(run) if p not in keep]
             if stale:
                 with_retries(
                     "removing stale objects",

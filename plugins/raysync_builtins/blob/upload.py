@@ -6,7 +6,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from raysync.backend import ExportRequest
-from raysync.copy import read_and_hash
+from raysync.copy import read_hashed
 from raysync.errors import (
     ExportError,
     RaySyncError,
@@ -95,8 +95,7 @@ class Uploads:
             return
         held = budget.acquire(entry.size)
         try:
-            buf = bytearray(entry.size)
-            read_and_hash(entry, memoryview(buf), algorithm)
+            buf = read_hashed(entry, algorithm)
             entry.etag = with_retries(
                 f"uploading {entry.path}",
                 lambda: engine.put(dest, buf, create=False),
