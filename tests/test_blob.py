@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import ray
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from raysync import checksum, isolated_export
 from raysync.errors import ConfigError, ExportError, MissingDependencyError, RunExistsError
@@ -303,6 +305,21 @@ def test_a_second_call_to_a_committed_s3_run_is_refused_and_overwrite_replaces(
     assert keys == ["c", MANIFEST_NAME]  # the old run's objects are gone, no mix
 
 
+def run_script(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> Any:
+    """Run ``script`` in a fresh Python with ``args``; the JSON it printed last."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 HIDDEN_S3FS = """
 import sys, json
 sys.modules["s3fs"] = sys.modules["obstore"] = None  # as if raysync[s3] was not installed
@@ -328,16 +345,7 @@ print(json.dumps({"s3_error": s3_error, "uri": r.uri,
 def test_memory_works_without_extras_and_a_missing_extra_names_what_to_install(
     tmp_path: Path,
 ) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", HIDDEN_S3FS],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_script(HIDDEN_S3FS, cwd=tmp_path)
     assert "pip install 'raysync[s3]'" in out["s3_error"]
     assert out["uri"] == "memory://runs/1"
     assert out["stored"] == out["pulled"] == "memory 1"
@@ -373,16 +381,7 @@ def test_s3_works_with_either_client_alone_and_names_the_extra_for_the_other(
     missing: str, bucket: str, moto_endpoint: str, tmp_path: Path
 ) -> None:
     options = json.dumps(s3_options(moto_endpoint))
-    proc = subprocess.run(
-        [sys.executable, "-c", ONE_CLIENT, missing, f"s3://{bucket}/alone-{missing}", options],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_script(ONE_CLIENT, missing, f"s3://{bucket}/alone-{missing}", options, cwd=tmp_path)
     assert out["pulled"] == "s3 1"
     assert out["engine"] == {"obstore": "fsspec", "s3fs": "obstore"}[missing]
     assert "pip install 'raysync[s3]'" in out["refused"]
@@ -424,17 +423,8 @@ def test_credentials_from_an_aws_profile_or_the_environment_work_on_both_engines
     else:
         env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = "AKIAENV", "env-secret"
     uri = f"s3://{bucket}/creds-{where}-{engine}"
-    proc = subprocess.run(
-        [sys.executable, "-c", CREDENTIALS_FROM, uri, json.dumps(opts)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["engine"] == engine
+    out = run_script(CREDENTIALS_FROM, uri, json.dumps(opts), cwd=tmp_path, env=env)
+    assert out["engine"] == engine
     fs = s3fs_for(moto_endpoint)
     assert fs.cat_file(f"{bucket}/creds-{where}-{engine}/1/export/x.txt") == b"creds 1"
 
@@ -524,3 +514,78 @@ def test_packing_mode_sends_small_files_as_a_few_tar_archives_still_readable_one
         timeout=120,
     )
     assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(min_value=0, max_value=5 * 1024**4),  # S3's largest object: 5 TiB
+    part_mib=st.integers(min_value=5, max_value=512),
+)
+def test_a_file_of_any_size_up_to_5_tib_takes_at_most_9000_parts(size: int, part_mib: int) -> None:
+    from raysync_builtins.blob.store import Options, part_size_for
+
+    opts, _ = Options.split({"upload_part_size": part_mib * 1024 * 1024})
+    part = part_size_for(size, opts)
+    assert part >= opts.upload_part_size and part % (1024 * 1024) == 0
+    assert -(-size // part) <= 9_000  # S3 allows 10,000
+    if size <= 9_000 * opts.upload_part_size:
+        assert part == opts.upload_part_size  # the user's part size whenever it suffices
+
+
+def test_reading_back_prefetches_in_order_within_the_budget_and_never_deadlocks() -> None:
+    """The read-back prefetch (materialize, pull, verify): files come back whole and in
+    order, within the bytes budget, also when a reader gives up on a file half-way or asks
+    for files out of order (each case bounded: a deadlock fails the test, not CI's clock)."""
+    import threading
+    import uuid
+
+    import fsspec
+    from raysync_builtins.blob.engine_fsspec import FsspecEngine
+    from raysync_builtins.blob.reading import Prefetch
+    from raysync_builtins.blob.store import Options
+
+    from raysync.manifest import FileEntry
+
+    mib = 1024 * 1024
+    fs = fsspec.filesystem("memory")
+    run = f"/prefetch-{uuid.uuid4().hex[:8]}"
+    sizes = [12 * mib, 3, 7 * mib, 0, 11 * mib + 5, 4096]
+    blobs = [random.Random(i).randbytes(n) for i, n in enumerate(sizes)]
+    entries = [FileEntry(f"f{i}", len(b), 0o644) for i, b in enumerate(blobs)]
+    for e, b in zip(entries, blobs, strict=True):
+        fs.pipe_file(f"{run}/{e.path}", b)
+    opts, _ = Options.split(
+        {"upload_part_size": 5 * mib, "upload_bytes_in_flight": 10 * mib, "upload_concurrency": 4}
+    )
+
+    def bounded(fn: Any) -> Any:
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+        t.start()
+        t.join(timeout=60)
+        assert not t.is_alive(), "the prefetch deadlocked"
+        return out[0]
+
+    def read_all(order: list[int], give_up: int | None = None) -> dict[int, bytes]:
+        p = Prefetch(FsspecEngine(fs), run, entries, opts)
+        got: dict[int, bytes] = {}
+        try:
+            for i in order:
+                chunks = p.take(entries[i])
+                if i == give_up:
+                    next(chunks, None)  # one piece, then stop reading this file
+                    chunks.close()
+                    continue
+                got[i] = b"".join(chunks)
+                # Within the budget, but for one chunk the file being read may always take.
+                assert p.used <= opts.upload_bytes_in_flight + opts.upload_part_size
+        finally:
+            p.close()
+        return got
+
+    everything = bounded(lambda: read_all(list(range(len(entries)))))
+    assert [everything[i] for i in range(len(entries))] == blobs
+    halfway = bounded(lambda: read_all(list(range(len(entries))), give_up=0))
+    assert all(halfway[i] == blobs[i] for i in range(1, len(entries)))
+    backwards = bounded(lambda: read_all(list(reversed(range(len(entries))))))
+    assert all(backwards[i] == blobs[i] for i in range(len(entries)))

@@ -56,7 +56,11 @@ def plan(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) -> li
         if s3 is not None and "fsspec" in backends:
             groups += _s3_groups(s3, args)
         if s3 is not None and incremental:
-            groups.append(_reexport_group("fsspec", Reexport("s3", s3.uri, s3.options), args))
+            # Single-part objects: rclone's server lists a multipart object's ETag as the MD5
+            # of its bytes, not the "-N" ETag its upload answered, so against it every
+            # multipart file would look changed (S3, MinIO and moto keep one ETag).
+            options = {**s3.options, "upload_part_size": 32 * MIB}
+            groups.append(_reexport_group("fsspec", Reexport("s3", s3.uri, options), args))
     to_dir = bool(target) and not to_s3 and not target.startswith("rsync://")
     if ("local" in backends or incremental) and (to_dir or not target):
         base_dir = Path(target.removeprefix("file://")) if to_dir else None

@@ -217,7 +217,11 @@ class S3Bench:
 
         dest = str(self.download_dir / uuid.uuid4().hex)
         opts = json.dumps(self.options)
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
+        with (
+            open(os.devnull, "w") as quiet,
+            contextlib.redirect_stdout(quiet),
+            contextlib.redirect_stderr(quiet),  # its progress bar
+        ):
             code = main(["pull", self.download_uri, dest, "--storage-options", opts])
         if code != 0:
             raise RuntimeError(f"raysync pull failed ({code})")
