@@ -14,7 +14,7 @@ from raysync.errors import ConfigError
 from raysync.hookspecs import ExportBackend
 from raysync.manifest import tree_names
 from raysync.registry import get_registry
-from raysync.target import Target, check_template, template_fields
+from raysync.target import Target, check_template, check_uri_form, template_fields
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ def make_config(
             f"output_uri must be a non-empty string or None, not {output_uri!r}",
             hint="e.g. 'artifacts/runs/{run_id}' or 's3://bucket/runs/{run_id}'",
         )
+    if output_uri is not None:
+        check_uri_form(output_uri)  # never a local directory named after a mistyped URL
     if isinstance(trees, str):
         raise ConfigError(
             f"trees must be a list of names, not the string {trees!r}",

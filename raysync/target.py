@@ -99,6 +99,34 @@ def render(template: str, values: Mapping[str, Any], *, available: Iterable[str]
     return rendered
 
 
+#: A first path segment that starts like a URI scheme: ``s3:``, ``simplecache::s3:``, ``gs:x``.
+_SCHEME_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def check_uri_form(uri: str) -> None:
+    """At decoration: a URI either has a scheme the registry resolves (``s3://...``) or is a
+    plain path. What looks like a URI but is not one (``s3:/bucket/x``, ``s3:bucket``, an
+    fsspec chained URL ``simplecache::s3://...``) is refused: read as a path, it would become
+    a local directory named after the URL, and the files would not be where the user looks."""
+    if _SCHEME.match(uri) or not _SCHEME_LIKE.match(uri):
+        return
+    first = uri.split("/", 1)[0]
+    if "::" in uri.split("://", 1)[0]:
+        raise TemplateError(
+            "fsspec chained URLs (a::b://...) are not an output_uri raysync can commit to: "
+            "the run would land in a cache or an archive, not where the URL's last part says",
+            template=uri,
+            hint=f"write the store's own URL, e.g. {uri.split('::')[-1]!r}",
+        )
+    scheme = first.split(":", 1)[0]
+    raise TemplateError(
+        f"{first!r} looks like the start of a {scheme}:// URI but is not one (a URI needs "
+        "'://'); as a path it would be a local directory named after it",
+        template=uri,
+        hint=f"write {scheme}://... for the store, or ./{uri} for a local directory",
+    )
+
+
 def check_template(template: str) -> None:
     """At decoration: refuse a template whose written parts already cannot name a run (the
     root itself, or a ``.``, ``..`` or empty segment below it), whatever its fields hold."""

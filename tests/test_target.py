@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from raysync.errors import TemplateError
 from raysync.target import redact, render, split_scheme, static_prefix
@@ -68,3 +72,49 @@ def test_render_names_a_missing_field_and_lists_the_available_ones() -> None:
 def test_redact_hides_credentials_in_uris(uri: str, secret: str) -> None:
     assert secret not in redact(uri)
     assert "***" in redact(uri)
+
+
+# -- URIs that only look like URIs (issue 16): refused at decoration, never a local dir ------
+
+MALFORMED = [
+    "simplecache::s3://bucket/runs/{run_id}",  # fsspec chained URLs
+    "filecache::s3://bucket/runs/{run_id}",
+    "zip::file:///tmp/a.zip",
+    "s3:/bucket/runs/{run_id}",  # one slash
+    "s3:bucket/runs",  # none
+    "gs:bucket",
+    "S3:/bucket/x",
+    "file:/tmp/x",
+]
+
+
+@pytest.mark.parametrize("uri", MALFORMED)
+def test_a_uri_that_is_not_one_fails_at_decoration_and_creates_nothing(
+    uri: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from raysync import isolated_export
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TemplateError) as info:
+        isolated_export(uri)
+    said = str(info.value)
+    assert "://" in said and ("./" in said or "chained" in said)  # says what to write
+    assert list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    scheme=st.from_regex(r"[A-Za-z][A-Za-z0-9+.\-]{0,10}", fullmatch=True),
+    rest=st.text(alphabet="ab/:{}_.", max_size=12).filter(lambda r: not r.startswith("//")),
+    chained=st.booleans(),
+)
+def test_every_scheme_like_prefix_without_slashes_is_refused_and_a_plain_path_is_not(
+    scheme: str, rest: str, chained: bool
+) -> None:
+    from raysync.target import check_uri_form
+
+    uri = f"{scheme}::s3://b/{rest}" if chained else f"{scheme}:{rest}"
+    with pytest.raises(TemplateError):
+        check_uri_form(uri)
+    check_uri_form(f"./{scheme}:{rest}")  # the same name as a path, written as one
+    check_uri_form(f"{scheme}://bucket/{rest}")  # and as a URI
