@@ -78,9 +78,13 @@ class BlobBackend(RunLock, Uploads):
         try:
             cls: type = fsspec.get_filesystem_class(scheme)
         except ImportError as e:
-            package = str(e).split("'")[1] if "'" in str(e) else None
+            # fsspec's own words name the package ("Please install gcsfs to access ...").
+            said = str(e).strip()
+            extra = EXTRAS.get(scheme)
+            install = f"pip install 'raysync[{extra}]'" if extra else None
             raise MissingDependencyError(
-                f"{scheme}://", extra=EXTRAS.get(scheme), package=package
+                f"{scheme}://",
+                install=f"{install} (fsspec says: {said})" if install else f"fsspec says: {said}",
             ) from e
         except ValueError as e:
             raise ConfigError(f"fsspec does not know the protocol {scheme}://") from e

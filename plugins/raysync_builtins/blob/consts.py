@@ -4,7 +4,16 @@ from __future__ import annotations
 
 LOCK_NAME = ".raysync-lock"
 #: Protocols whose optional package is one of raysync's extras.
-EXTRAS = {"s3": "s3", "s3a": "s3"}
+EXTRAS = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+    "adl": "azure",
+}
 #: Protocols where an exclusive create is known to be enforced by the store.
 CONDITIONAL = {"s3", "s3a", "memory"}
 #: fsspec protocols that are not storage a run can be written to.
