@@ -1,7 +1,5 @@
 """``python -m raysync``: the raysync command."""
 
-import sys
+from raysync.cli import run
 
-from raysync.cli import main
-
-sys.exit(main())
+run()

@@ -97,7 +97,7 @@ class RunInfo:
     a call that raised, exported with ``export_on_failure``), ``checkpoint`` (a ``sync_every``
     checkpoint of a call still running, or one that died before its final export), or
     ``incomplete`` (data or a staging area without a manifest: an export that is running or
-    died).
+    died), or ``damaged`` (a manifest that cannot be read: ``reason`` says why).
     """
 
     uri: str
@@ -106,6 +106,7 @@ class RunInfo:
     bytes: int | None = None
     ended_at: str | None = None
     task_id: str | None = None
+    reason: str | None = None
 
     @classmethod
     def from_manifest(cls, uri: str, manifest: Manifest) -> RunInfo:

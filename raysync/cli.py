@@ -1,29 +1,41 @@
 """The ``raysync`` command (also ``python -m raysync``): backends, ls, verify, pull, doctor,
 bench, demo. docs/cli.md describes each.
 
-Exit codes: 0 success, 1 a check failed (``verify`` found bad files, no committed run,
-``doctor`` found a failing node), 2 usage or configuration error.
+Exit codes (docs/cli.md): 0 success; 1 a check failed (``verify`` found bad files, no
+committed run, a damaged manifest, ``doctor`` found a failing node); 2 usage or configuration
+error (bad options or URI, a missing package); 3 the destination cannot be reached, does not
+exist or refuses access; 4 an unexpected error (a bug: ``-v`` shows the traceback). No
+command prints a traceback otherwise; with ``--json`` an error is a JSON object on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from raysync import checksum
 from raysync.backend import RunReader
-from raysync.errors import ConfigError, IntegrityError, RaySyncError
+from raysync.errors import (
+    ConfigError,
+    DestinationError,
+    IntegrityError,
+    MaterializeError,
+    RaySyncError,
+)
 from raysync.hookspecs import ListsRuns, OpensRuns
-from raysync.manifest import FileEntry
+from raysync.manifest import MANIFEST_NAME, FileEntry
 from raysync.registry import get_registry, scheme_label
 from raysync.result import place_run
-from raysync.target import Target, redact
+from raysync.target import Target, check_uri_form, redact
 
 
 def printable(text: str) -> str:
@@ -68,6 +80,7 @@ def storage_options_arg(text: str) -> dict[str, Any]:
 
 def _target(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, Target]:
     """The backend serving ``uri`` and the target to read, with ``--storage-options``."""
+    check_uri_form(uri)  # s3:/x is a mistyped URI, not a local path
     parsed = Target.parse(uri, storage_options or {})
     backend = get_registry().for_scheme(parsed.scheme)
     backend.check(parsed)
@@ -89,6 +102,10 @@ def _ls(args: argparse.Namespace) -> int:
     backend, target = _target(args.uri, args.storage_options)
     if not isinstance(backend, ListsRuns):
         raise ConfigError(f"backend {backend.name!r} cannot list runs")
+    if target.scheme == "file" and not Path(target.local_path()).exists():
+        raise DestinationError(
+            "no such directory", uri=redact(args.uri), hint="check the path (it is local)"
+        )
     runs = backend.list_runs(target)
     if args.json:
         print(json.dumps([r.__dict__ for r in runs], indent=1))
@@ -101,7 +118,8 @@ def _ls(args: argparse.Namespace) -> int:
         files = "-" if r.files is None else str(r.files)
         size = "-" if r.bytes is None else f"{r.bytes:,}"
         ended = printable(r.ended_at or "-")
-        print(f"{r.status:<11} {files:>7} {size:>14} {ended:<29} {printable(r.uri)}")
+        reason = f"  ({printable(r.reason)})" if r.reason else ""
+        print(f"{r.status:<11} {files:>7} {size:>14} {ended:<29} {printable(r.uri)}{reason}")
     return 0
 
 
@@ -200,9 +218,23 @@ def _pull(args: argparse.Namespace) -> int:
             yield chunk
 
     dest = Path(args.dest).absolute()
+    written = dest / MANIFEST_NAME
+    if written.exists() and not args.overwrite and written.read_bytes() != manifest.to_bytes():
+        raise MaterializeError(
+            f"{written} holds another run's manifest; nothing was written",
+            hint="pull into an empty directory, or pass --overwrite",
+        )
     reader.prefetch(manifest.files)
     try:
         place_run(dest, manifest, read, uri=shown, overwrite=args.overwrite)
+        # The manifest too, last: `raysync verify DEST` checks what was pulled.
+        tmp = dest / f".{MANIFEST_NAME}.pulling"
+        tmp.write_bytes(manifest.to_bytes())
+        os.replace(tmp, written)
+    except MaterializeError as e:
+        raise MaterializeError(
+            e.message, hint="pull into an empty directory, or pass --overwrite"
+        ) from None
     except IntegrityError as e:
         progress.finish()
         out = {"uri": shown, "ok": False, "error": "files do not match the manifest"}
@@ -259,7 +291,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per command (docs/cli.md documents each)."""
-    parser = argparse.ArgumentParser(prog="raysync", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="raysync", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"raysync {_version()}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log raysync's steps (and tracebacks)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="list installed export backends")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -308,13 +346,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds for all probes")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_doctor)
-    p = sub.add_parser("demo", help="run the demo pipeline on a local Ray")
+    p = sub.add_parser("demo", help="run the demo pipeline on a local Ray", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_demo)
-    p = sub.add_parser("bench", help="the same as python -m raysync.bench")
+    p = sub.add_parser("bench", help="the same as python -m raysync.bench", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raysync")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+#: What each kind of failure exits with (docs/cli.md, "Exit codes").
+EXIT_OK, EXIT_CHECK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_BUG = 0, 1, 2, 3, 4
+
+
+def _exit_code(e: BaseException) -> int:
+    if isinstance(e, IntegrityError):
+        return EXIT_CHECK
+    if isinstance(e, ConfigError | ImportError | MaterializeError):
+        return EXIT_USAGE  # a bad option, URI or package; a destination to empty or --overwrite
+    if isinstance(e, RaySyncError | OSError):
+        return EXIT_UNREACHABLE  # refused, missing, denied, unreachable (gaierror is an OSError)
+    return EXIT_BUG
+
+
+def _fail(args: argparse.Namespace, e: BaseException) -> int:
+    code = _exit_code(e)
+    if isinstance(e, RaySyncError):
+        message, hint = str(e).split("\n  fix: ", 1)[0], e.hint
+    elif isinstance(e, ImportError):
+        message, hint = f"a package is missing: {e}", "install it (docs/backends.md)"
+    elif code == EXIT_BUG:
+        message = f"unexpected error: {type(e).__name__}: {e}"
+        hint = "this is a bug in raysync; run with -v for the traceback and report it"
+    else:
+        message, hint = f"{type(e).__name__}: {e}", "check the URI, the network and access"
+    message, hint = redact(message), redact(hint) if hint else hint
+    if getattr(args, "json", False):
+        out = {"ok": False, "error": message, "hint": hint, "exit": code}
+        print(json.dumps(out, indent=1))
+    else:
+        print(f"raysync: {message}" + (f"\n  fix: {hint}" if hint else ""), file=sys.stderr)
+    if getattr(args, "verbose", False):
+        traceback.print_exception(e, file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,8 +408,20 @@ def main(argv: list[str] | None = None) -> int:
         args.rest = extra + args.rest
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.verbose:
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("raysync").setLevel(logging.DEBUG)
     try:
         return int(args.func(args))
-    except RaySyncError as e:
-        print(f"raysync: {redact(str(e))}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("raysync: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error is reported, none as a traceback
+        return _fail(args, e)
+
+
+def run() -> None:
+    """The ``raysync`` program: a closed pipe (``raysync ls ... | head``) ends it quietly, as
+    it does ``cat``."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

@@ -72,7 +72,11 @@ def list_dir_runs(root: Path, to_uri: Callable[[Path], str], *, depth: int = 8) 
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         if MANIFEST_NAME in filenames:
-            manifest = read_committed(here, uri=to_uri(here))
+            try:
+                manifest = read_committed(here, uri=to_uri(here))
+            except IntegrityError as e:  # one bad manifest never hides the good runs
+                runs.append(RunInfo(uri=to_uri(here), status="damaged", reason=e.message))
+                manifest = None
             if manifest is not None:
                 runs.append(RunInfo.from_manifest(to_uri(here), manifest))
             dirnames.clear()

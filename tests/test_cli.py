@@ -11,6 +11,7 @@ import pytest
 
 from raysync import isolated_export
 from raysync.cli import main as cli
+from raysync.manifest import MANIFEST_NAME
 
 
 def _raysync(*args: str) -> subprocess.CompletedProcess[str]:
@@ -99,8 +100,14 @@ def test_ls_verify_and_pull_local_runs(tmp_path: Path, monkeypatch: pytest.Monke
     assert pulled.returncode == 0, pulled.stderr
     assert json.loads(pulled.stdout)["files"] == 2
     assert (tmp_path / "out" / "data" / "b.bin").read_bytes() == bytes(range(256)) * 40
+    assert _raysync("verify", "out").returncode == 0  # the pulled run verifies in place
+    clash = _raysync("pull", "runs/two", "out")  # out holds run one (and its manifest)
+    assert clash.returncode == 2 and "another run's manifest" in clash.stderr
+    assert "--overwrite" in clash.stderr and "Traceback" not in clash.stderr
+    (tmp_path / "out" / MANIFEST_NAME).unlink()
     clash = _raysync("pull", "runs/two", "out")  # out/export/a.txt holds "one"
     assert clash.returncode == 2 and "exists with other contents" in clash.stderr
+    assert "--overwrite" in clash.stderr and "overwrite=True" not in clash.stderr
 
     (tmp_path / "runs" / "two" / "export" / "a.txt").write_text("TWO")  # tampered
     bad = _raysync("verify", "runs/two", "--json")
@@ -205,3 +212,110 @@ def test_storage_options_that_are_not_a_json_object_are_a_usage_error(
         cli([*command, "--storage-options", bad])
     assert info.value.code == 2
     assert "--storage-options" in capsys.readouterr().err
+
+
+def _damaged_runs(root: Path) -> None:
+    """runs/good (a committed run), runs/nochecksum and runs/future (manifests raysync cannot
+    read: no checksum; a version from the future)."""
+    from raysync.exporting import export_once, prepare
+    from raysync.registry import get_registry
+    from raysync.rules import run_record
+    from raysync.target import Target
+
+    work = root / "work"
+    (work / "export").mkdir(parents=True)
+    (work / "export" / "a.txt").write_text("a")
+    backend = get_registry().for_scheme("file")
+    for name in ("good", "nochecksum", "future"):
+        target = Target(str(root / "runs" / name), "file", {})
+        export_once(
+            backend,
+            target,
+            work,
+            run_record("cli.table", name),
+            trees=["export"],
+            conflict="error",
+            prepared=prepare(backend, Target(str(root / "runs" / "{x}"), "file", {})),
+        )
+    doc = json.loads((root / "runs" / "nochecksum" / MANIFEST_NAME).read_text())
+    del doc["checksum"]
+    (root / "runs" / "nochecksum" / MANIFEST_NAME).write_text(json.dumps(doc))
+    doc["version"] = 99
+    (root / "runs" / "future" / MANIFEST_NAME).write_text(json.dumps(doc))
+
+
+#: (arguments, exit code, what stdout or stderr must say, JSON on stdout)
+TABLE: list[tuple[list[str], int, str, bool]] = [
+    (["--version"], 0, "raysync 0.", False),
+    (["--help"], 0, "Exit codes", False),
+    (["backends", "--help"], 0, "--json", False),
+    (["ls", "--help"], 0, "--storage-options", False),
+    (["verify", "--help"], 0, "uri", False),
+    (["pull", "--help"], 0, "--overwrite", False),
+    (["doctor", "--help"], 0, "--working-dir", False),
+    (["bench", "--help"], 0, "--s3-server", False),  # the bench's own help, not a stub
+    (["demo", "--help"], 0, "--runs", False),
+    (["frobnicate"], 2, "invalid choice", False),
+    (["pull", "runs/good"], 2, "required", False),
+    (["ls", "runs", "--storage-options", "[1]"], 2, "JSON object", False),
+    (["ls", "s3:/bucket/x"], 2, "s3://", False),
+    (["ls", "simplecache::s3://bucket/x"], 2, "chained", False),
+    (["ls", "nonexistent"], 3, "no such directory", False),
+    (["ls", "nonexistent", "--json"], 3, '"exit": 3', True),
+    (["verify", "ftp://127.0.0.1:9/y"], 3, "Connection refused", False),
+    (["verify", "ftp://127.0.0.1:9/y", "--json"], 3, "Connection refused", True),
+    (["ls", "ftp://127.0.0.1:9/x", "--json"], 3, '"ok": false', True),
+    (["ls", "runs"], 0, "damaged", False),  # the good run listed, the others marked
+    (["ls", "runs", "--json"], 0, '"damaged"', True),
+    (["verify", "runs/good"], 0, "OK", False),
+    (["verify", "runs/nochecksum"], 1, "checksum", False),
+    (["verify", "runs/future", "--json"], 1, "upgrade raysync", True),
+    (["verify", "memory://nothing", "--json"], 1, "no committed run", True),
+    (["pull", "runs/nochecksum", "out"], 1, "checksum", False),
+    (["backends", "--json"], 0, '"name"', True),
+]
+
+
+@pytest.mark.parametrize(("argv", "code", "says", "as_json"), TABLE)
+def test_every_invocation_exits_as_documented_without_a_traceback(
+    argv: list[str], code: int, says: str, as_json: bool, tmp_path: Path
+) -> None:
+    _damaged_runs(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysync", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == code, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert says in proc.stdout + proc.stderr
+    if as_json:
+        json.loads(proc.stdout)
+    if argv == ["ls", "runs"]:
+        rows = proc.stdout.splitlines()
+        assert any(r.startswith("committed") and r.endswith("runs/good") for r in rows)
+        assert sum(r.startswith("damaged") for r in rows) == 2
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`raysync ls ... | head`: the listing (far more than a pipe's 64 KiB buffer) stops
+    when head exits, without a BrokenPipeError traceback."""
+    _damaged_runs(tmp_path)
+    good = (tmp_path / "runs" / "good" / MANIFEST_NAME).read_bytes()
+    for i in range(2_000):
+        (tmp_path / "many" / f"run-{i:05d}").mkdir(parents=True)
+        (tmp_path / "many" / f"run-{i:05d}" / MANIFEST_NAME).write_bytes(good)
+    proc = subprocess.run(  # noqa: S602 - a fixed command line: the pipe is the point
+        f"{sys.executable} -m raysync ls many | head -n 2",
+        shell=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert len(proc.stdout.splitlines()) == 2 and "run-00000" in proc.stdout
+    assert proc.stderr == ""

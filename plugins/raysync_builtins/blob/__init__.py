@@ -252,7 +252,10 @@ class BlobBackend(RunLock, Uploads):
         for key, data in sorted(got.items()):
             run = key.rsplit("/", 1)[0]
             uri = f"{scheme}://{run}"
-            runs.append(RunInfo.from_manifest(uri, Manifest.from_bytes(data, uri=uri)))
+            try:
+                runs.append(RunInfo.from_manifest(uri, Manifest.from_bytes(data, uri=uri)))
+            except IntegrityError as e:  # one bad manifest never hides the good runs
+                runs.append(RunInfo(uri=uri, status="damaged", reason=e.message))
         done = {k.rsplit("/", 1)[0] for k in manifests}
         for key in locks:
             run = key.rsplit("/", 1)[0]
