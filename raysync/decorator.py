@@ -17,10 +17,10 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, TypeVar, cast
+from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 import ray
 
@@ -51,7 +51,29 @@ from raysync.target import (
     template_fields,
 )
 
-F = TypeVar("F")
+P = ParamSpec("P")
+R = TypeVar("R")
+C = TypeVar("C", bound=type)
+
+
+class IsolatedExport(Protocol):
+    """What :func:`isolated_export` returns: a decorator under which a call returns
+    ``ExportResult[R]`` where the function returned ``R`` (its ``.value``), with the same
+    parameters; an ``async def`` stays a coroutine function; a class keeps its type (each
+    public method of it is wrapped)."""
+
+    @overload
+    def __call__(self, obj: C, /) -> C: ...
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]  # an async def matches both; this first
+        self, obj: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> Callable[P, Coroutine[Any, Any, ExportResult[R]]]: ...
+
+    @overload
+    def __call__(self, obj: Callable[P, R], /) -> Callable[P, ExportResult[R]]: ...
+
+
 log = redaction.logger("raysync")
 
 #: chdir-mode calls in one process take turns: cwd and environment are process-wide.
@@ -72,7 +94,7 @@ def isolated_export(
     keep_workspace: bool = False,
     checksum: str = checksum_mod.DEFAULT,
     sync_every: float | None = None,
-) -> Callable[[F], F]:
+) -> IsolatedExport:
     """Run every call of a Ray task or actor method in a private workspace, then export it.
 
     :param output_uri: where each run goes: a path (relative to the **driver's** cwd), a
@@ -118,10 +140,10 @@ def isolated_export(
         sync_every,
     )
 
-    def decorate(obj: F) -> F:
-        return cast(F, _decorate(obj, cfg))
+    def decorate(obj: Any) -> Any:
+        return _decorate(obj, cfg)
 
-    return decorate
+    return cast(IsolatedExport, decorate)
 
 
 def _decorate(obj: Any, cfg: Config) -> Any:
@@ -188,13 +210,13 @@ def _wrap_function(fn: Callable[..., Any], cfg: Config) -> Callable[..., Any]:
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
-        async def async_wrapper(*args: Any, **kwargs: Any) -> ExportResult:
+        async def async_wrapper(*args: Any, **kwargs: Any) -> ExportResult[Any]:
             return await _run_async(call_cfg, fn, args, kwargs)
 
         return async_wrapper
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> ExportResult:
+    def wrapper(*args: Any, **kwargs: Any) -> ExportResult[Any]:
         return _run_sync(call_cfg, fn, args, kwargs)
 
     return wrapper
@@ -330,7 +352,7 @@ def _syncer(call: _Call) -> Checkpoints | None:
     return Checkpoints(every, call.export_lock, checkpoint, redact(call.target.uri))
 
 
-def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResult:
+def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResult[Any]:
     """Scan and export; the workspace is removed only after a successful commit."""
     assert call.ws is not None
     run_seconds = time.perf_counter() - call.started
@@ -406,7 +428,7 @@ def _note(error: BaseException, text: str) -> None:
 
 def _run_sync(
     cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> ExportResult:
+) -> ExportResult[Any]:
     call = _begin(cfg, fn, args, kwargs)
     lock = _CHDIR_LOCK if cfg.chdir else None
     if lock is not None:
@@ -444,7 +466,7 @@ def _async_lock() -> asyncio.Lock:
 
 async def _run_async(
     cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> ExportResult:
+) -> ExportResult[Any]:
     call = _begin(cfg, fn, args, kwargs)
     error: BaseException | None = None
     value: Any = None

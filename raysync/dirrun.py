@@ -328,7 +328,7 @@ def destination_error(e: OSError, where: Path, request: ExportRequest, uri: str)
 
 
 def materialize_dir(
-    src: Path, result: ExportResult, dest: Path, *, overwrite: bool, hint: str
+    src: Path, result: ExportResult[Any], dest: Path, *, overwrite: bool, hint: str
 ) -> None:
     """Bring the run committed in directory ``src`` to ``dest``: it must be the run
     ``result`` describes (same call); files verified, all or nothing."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pluggy
 
@@ -143,7 +143,9 @@ class ExportBackend(Protocol):
         a :class:`raysync.errors.RaySyncError`; never delete the workspace files.
         """
 
-    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+    def materialize(
+        self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
+    ) -> None:
         """Bring a committed run's files to ``dest`` on this machine, atomically.
 
         Files land at their manifest paths under ``dest``; an existing file with other contents

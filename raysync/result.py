@@ -8,13 +8,16 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from raysync import checksum as checksum_mod
 from raysync.errors import IntegrityError, MaterializeError
 from raysync.fsops import makedirs, remove_tree
 from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
 from raysync.rules import placed_mode
+
+#: What the decorated function returned (``ExportResult.value``).
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,14 +37,14 @@ class ExportStats:
 
 
 @dataclass
-class ExportResult:
+class ExportResult(Generic[T]):
     """The result of a call decorated with :func:`raysync.isolated_export`.
 
     ``value`` is what the function returned, ``uri`` where the committed run lives,
     ``manifest`` every file with its size, mode and digest.
     """
 
-    value: Any
+    value: T
     uri: str
     backend: str
     manifest: Manifest
@@ -88,7 +91,7 @@ class ExportResult:
 
 def collect(
     results: Iterable[Any], dest: str | os.PathLike[str], *, overwrite: bool = False
-) -> list[ExportResult]:
+) -> list[ExportResult[Any]]:
     """Materialize many results (``ExportResult`` objects or Ray ``ObjectRef``s) into ``dest``.
 
     Runs on the driver; files of different runs merge into one tree, and two runs that wrote
@@ -99,7 +102,7 @@ def collect(
     items = list(results)
     refs = [i for i in items if isinstance(i, ray.ObjectRef)]
     got = dict(zip(refs, ray.get(refs), strict=True)) if refs else {}
-    out: list[ExportResult] = []
+    out: list[ExportResult[Any]] = []
     for item in items:
         res = got[item] if isinstance(item, ray.ObjectRef) else item
         if not isinstance(res, ExportResult):

@@ -112,7 +112,7 @@ class BackendConformance:
         conflict: str = "error",
         files: list[FileEntry] | None = None,
         algorithm: str = checksum.DEFAULT,
-    ) -> ExportResult:
+    ) -> ExportResult[Any]:
         """What the core does for one call: prepare (driver), export (worker)."""
         backend = self.backend()
         entries, manifest, outcome = export_once(
@@ -226,7 +226,7 @@ class BackendConformance:
         with pytest.raises(ConfigError):
             self.backend().check(self.target(bad))
 
-    def _read(self, result: ExportResult, tmp_path: Path, rel: str) -> bytes:
+    def _read(self, result: ExportResult[Any], tmp_path: Path, rel: str) -> bytes:
         out = result.materialize(tmp_path / f"read-{uuid.uuid4().hex[:8]}")
         return (out / rel).read_bytes()
 

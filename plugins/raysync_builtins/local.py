@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import raysync
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
@@ -117,7 +118,9 @@ class LocalCopyBackend:
         path = Path(target.local_path())
         return DirReader(f"file://{path}", path)
 
-    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+    def materialize(
+        self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
+    ) -> None:
         materialize_dir(
             _run_dir(result.uri),
             result,

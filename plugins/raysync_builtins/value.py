@@ -91,7 +91,9 @@ class ReturnByValueBackend:
         request.manifest.to_bytes()  # checks every file was hashed
         return ExportOutcome(uri=uri, payload=Payload(buffer, index))
 
-    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+    def materialize(
+        self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
+    ) -> None:
         payload = result.payload
         if not isinstance(payload, Payload):
             raise MaterializeError(

@@ -62,7 +62,7 @@ def run_demo(host_dir: Path, *, runs: int = 4, by_value: int = 2) -> list[Row]:
     in_result = ray.remote(isolated_export(None, env=env)(run_pipeline))
     refs = [to_disk.remote("fast", run_id=f"run-{i}") for i in range(runs)]
     refs += [in_result.remote("fast", run_id=f"value-{i}") for i in range(by_value)]
-    results: list[ExportResult] = ray.get(refs)
+    results: list[ExportResult[Any]] = ray.get(refs)
     collect(results[runs:], host_dir / "artifacts" / "by-value", overwrite=True)
     rows = []
     for r in results:

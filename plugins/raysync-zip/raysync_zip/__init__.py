@@ -135,7 +135,9 @@ class ZipBackend:
             for chunk in src.chunks():
                 dst.write(chunk)
 
-    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+    def materialize(
+        self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
+    ) -> None:
         loc = result.payload
         if not isinstance(loc, Location):
             raise MaterializeError("this result does not say where its archive is")

@@ -267,7 +267,9 @@ class BlobBackend(RunLock, Uploads):
         engine, run, opts = self._open(target.uri, target.options)
         return BlobReader(redact(target.uri), engine, run, opts)
 
-    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+    def materialize(
+        self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
+    ) -> None:
         loc = result.payload
         if not isinstance(loc, Location):
             raise MaterializeError("this result does not say where its run is stored")

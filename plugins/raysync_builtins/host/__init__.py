@@ -172,7 +172,9 @@ class HostSyncBackend:
         path = Path(target.local_path())
         return DirReader(f"host://{path}", path)
 
-    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+    def materialize(
+        self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
+    ) -> None:
         loc = result.payload
         src = Path(loc.uri) if isinstance(loc, Location) else Path(result.uri[len("host://") :])
         materialize_dir(

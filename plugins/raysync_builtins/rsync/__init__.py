@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import raysync
 from raysync import redaction
@@ -218,7 +219,9 @@ class RsyncBackend(RemoteRuns):
             return DirReader(target.uri, Path(remote.path))
         return _PulledReader(target.uri, Rsync(Options.parse(target.options), remote), remote)
 
-    def materialize(self, result: ExportResult, dest: Path, *, overwrite: bool = False) -> None:
+    def materialize(
+        self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
+    ) -> None:
         loc = result.payload
         if not isinstance(loc, Location):
             raise MaterializeError("this result does not say where its run is stored")
@@ -235,7 +238,9 @@ class RsyncBackend(RemoteRuns):
             self._materialize_from(tmp, result, dest, overwrite=overwrite)
 
     @staticmethod
-    def _materialize_from(src: Path, result: ExportResult, dest: Path, *, overwrite: bool) -> None:
+    def _materialize_from(
+        src: Path, result: ExportResult[Any], dest: Path, *, overwrite: bool
+    ) -> None:
         hint = "materialize on a node that mounts the destination"
         materialize_dir(src, result, dest, overwrite=overwrite, hint=hint)
 
