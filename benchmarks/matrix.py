@@ -21,6 +21,7 @@ import json
 import platform
 import subprocess
 import sys
+import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -186,8 +187,13 @@ def chart(report: dict[str, Any], path: Path) -> None:
         " (× the best baseline, higher is faster)",
         fontsize=10,
     )
-    fig.text(0.01, 0.003, machine_line(report)[:180], fontsize=5)
-    fig.tight_layout(rect=(0, 0.01, 1, 0.98))
+    # The whole machine line, wrapped (it used to be cut at 180 characters), with room kept
+    # for it below the panels.
+    footer = textwrap.fill(machine_line(report), 200)
+    height = fig.get_figheight()
+    bottom = (footer.count("\n") + 1) * 0.1 / height + 0.004
+    fig.text(0.01, 0.003, footer, fontsize=5, va="bottom")
+    fig.tight_layout(rect=(0, bottom, 1, 0.98))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
