@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
+
 from raysync import checksum
 from raysync.backend import RunReader
 from raysync.errors import (
@@ -289,79 +291,139 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: one subcommand per command (docs/cli.md documents each)."""
-    parser = argparse.ArgumentParser(
-        prog="raysync", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--version", action="version", version=f"raysync {_version()}")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log raysync's steps (and tracebacks)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("backends", help="list installed export backends")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_backends)
-
-    def storage_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--storage-options",
-            metavar="JSON",
-            type=storage_options_arg,
-            help="storage_options as a JSON object (prefer credentials from the environment)",
-        )
-
-    p = sub.add_parser("ls", help="runs under a prefix: status, files, bytes, time")
-    p.add_argument("uri", help="a prefix or run URI (a plain path is local)")
-    storage_options(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_ls)
-    p = sub.add_parser("verify", help="re-hash a committed run against its manifest")
-    p.add_argument("uri", help="a run URI (a plain path is local)")
-    storage_options(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_verify)
-    p = sub.add_parser("pull", help="download a committed run, verified, all or nothing")
-    p.add_argument("uri", help="a run URI")
-    p.add_argument("dest", help="a local directory (files land at their manifest paths)")
-    storage_options(p)
-    p.add_argument("--overwrite", action="store_true", help="replace differing local files")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_pull)
-    p = sub.add_parser(
-        "doctor",
-        help="check isolation and the destination on every node of a running cluster",
-        description="On every alive node, run one probe call that must be isolated, export "
-        "a small run to URI (default: return-by-value) and read back verified. Exit 0 when "
-        "every node passes, 1 when one fails, 2 on a configuration error.",
-    )
-    p.add_argument("uri", nargs="?", help="the output_uri to check (as in @isolated_export)")
-    p.add_argument("--address", help="the cluster to connect to (default: auto)")
-    storage_options(p)
-    p.add_argument("--backend", help="a backend name, as isolated_export(backend=...)")
-    p.add_argument(
-        "--working-dir", help="ship this project as the runtime_env working_dir (no pip)"
-    )
-    p.add_argument("--node-ip-address", help="this machine's Ray node address, if not inferred")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds for all probes")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_doctor)
-    p = sub.add_parser("demo", help="run the demo pipeline on a local Ray", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_demo)
-    p = sub.add_parser("bench", help="the same as python -m raysync.bench", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_bench)
-    return parser
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
+def _storage_options(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> dict[str, Any] | None:
+    if value is None:
+        return None
     try:
-        return version("raysync")
-    except PackageNotFoundError:
-        return "unknown"
+        return storage_options_arg(value)
+    except argparse.ArgumentTypeError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+_JSON = click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
+_STORAGE = click.option(
+    "--storage-options",
+    metavar="JSON",
+    callback=_storage_options,
+    help="storage_options as a JSON object (prefer credentials from the environment)",
+)
+_PASS_ON = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+
+
+def _call(ctx: click.Context, fn: Any, **values: Any) -> int:
+    """Run one command's implementation; every error becomes its exit code and a message."""
+    args = argparse.Namespace(verbose=ctx.obj.get("verbose", False), **values)
+    try:
+        return int(fn(args))
+    except KeyboardInterrupt:
+        print("raysync: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error is reported, none as a traceback
+        return _fail(args, e)
+
+
+@click.group(
+    help=__doc__,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(package_name="raysync", message="raysync %(version)s")
+@click.option("-v", "--verbose", is_flag=True, help="log raysync's steps (and tracebacks)")
+@click.pass_context
+def command(ctx: click.Context, verbose: bool) -> None:
+    ctx.obj = {"verbose": verbose}
+    if verbose:
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("raysync").setLevel(logging.DEBUG)
+
+
+@command.command("backends", help="list installed export backends")
+@_JSON
+@click.pass_context
+def _backends_cmd(ctx: click.Context, as_json: bool) -> int:
+    return _call(ctx, _backends, json=as_json)
+
+
+@command.command("ls", help="runs under a prefix: status, files, bytes, time")
+@click.argument("uri")
+@_STORAGE
+@_JSON
+@click.pass_context
+def _ls_cmd(
+    ctx: click.Context, uri: str, storage_options: dict[str, Any] | None, as_json: bool
+) -> int:
+    return _call(ctx, _ls, uri=uri, storage_options=storage_options, json=as_json)
+
+
+@command.command("verify", help="re-hash a committed run against its manifest")
+@click.argument("uri")
+@_STORAGE
+@_JSON
+@click.pass_context
+def _verify_cmd(
+    ctx: click.Context, uri: str, storage_options: dict[str, Any] | None, as_json: bool
+) -> int:
+    return _call(ctx, _verify, uri=uri, storage_options=storage_options, json=as_json)
+
+
+@command.command("pull", help="download a committed run, verified, all or nothing")
+@click.argument("uri")
+@click.argument("dest")
+@_STORAGE
+@click.option("--overwrite", is_flag=True, help="replace differing local files")
+@_JSON
+@click.pass_context
+def _pull_cmd(
+    ctx: click.Context,
+    uri: str,
+    dest: str,
+    storage_options: dict[str, Any] | None,
+    overwrite: bool,
+    as_json: bool,
+) -> int:
+    return _call(
+        ctx,
+        _pull,
+        uri=uri,
+        dest=dest,
+        storage_options=storage_options,
+        overwrite=overwrite,
+        json=as_json,
+    )
+
+
+@command.command(
+    "doctor",
+    help="check isolation and the destination on every node of a running cluster: on every "
+    "alive node, one probe call that must be isolated exports a small run to URI (default: "
+    "return-by-value), read back verified. Exit 0 when every node passes, 1 when one fails.",
+)
+@click.argument("uri", required=False)
+@click.option("--address", help="the cluster to connect to (default: auto)")
+@_STORAGE
+@click.option("--backend", help="a backend name, as isolated_export(backend=...)")
+@click.option("--working-dir", help="ship this project as the runtime_env working_dir (no pip)")
+@click.option("--node-ip-address", help="this machine's Ray node address, if not inferred")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="for all probes")
+@_JSON
+@click.pass_context
+def _doctor_cmd(ctx: click.Context, /, as_json: bool, **values: Any) -> int:
+    return _call(ctx, _doctor, json=as_json, **values)
+
+
+@command.command("demo", help="run the demo pipeline on a local Ray", context_settings=_PASS_ON)
+@click.argument("rest", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def _demo_cmd(ctx: click.Context, rest: tuple[str, ...]) -> int:
+    return _call(ctx, _demo, rest=list(rest))
+
+
+@command.command("bench", help="the same as python -m raysync.bench", context_settings=_PASS_ON)
+@click.argument("rest", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def _bench_cmd(ctx: click.Context, rest: tuple[str, ...]) -> int:
+    return _call(ctx, _bench, rest=list(rest))
 
 
 #: What each kind of failure exits with (docs/cli.md, "Exit codes").
@@ -401,27 +463,22 @@ def _fail(args: argparse.Namespace, e: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    # demo and bench pass their options on; argparse's REMAINDER misses a leading --option.
-    args, extra = parser.parse_known_args(argv)
-    if hasattr(args, "rest"):
-        args.rest = extra + args.rest
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.verbose:
-        logging.basicConfig(format="%(name)s: %(message)s")
-        logging.getLogger("raysync").setLevel(logging.DEBUG)
+    """Run the command line on ``argv``; the exit code (docs/cli.md, "Exit codes")."""
     try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
+        code = command.main(args=argv, prog_name="raysync", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except click.ClickException as e:  # a usage error: exit 2, with click's message
+        e.show()
+        return EXIT_USAGE if isinstance(e, click.UsageError) else int(e.exit_code)
+    except click.exceptions.Abort:
         print("raysync: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - every error is reported, none as a traceback
-        return _fail(args, e)
+    return int(code) if isinstance(code, int) else EXIT_OK
 
 
 def run() -> None:
     """The ``raysync`` program: a closed pipe (``raysync ls ... | head``) ends it quietly, as
-    it does ``cat``."""
+    it does ``cat``. Shell completion: ``eval "$(_RAYSYNC_COMPLETE=bash_source raysync)"``."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())

@@ -167,21 +167,17 @@ def test_ls_verify_and_pull_s3_runs(tmp_path: Path, moto_endpoint: str, bucket: 
 
 
 def test_docs_cli_documents_every_command_and_the_exit_codes() -> None:
-    import argparse
     import re
 
     from raysync import cli
 
-    parser_commands: set[str] = set()
-    for action in cli.build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            parser_commands.update(action.choices)
+    parser_commands = set(cli.command.commands)
     doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
     documented = set(re.findall(r"^## `raysync (\w+)", doc, re.M))
     assert parser_commands >= {"backends", "ls", "verify", "pull", "doctor", "bench", "demo"}
     assert parser_commands == documented
     table = doc.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
-    assert all(f"| {code} |" in table for code in (0, 1, 2))
+    assert all(f"| {code} |" in table for code in (0, 1, 2, 3, 4))
 
 
 def test_a_return_by_value_run_materialized_with_its_manifest_verifies_and_lists(
@@ -208,9 +204,7 @@ def test_a_return_by_value_run_materialized_with_its_manifest_verifies_and_lists
 def test_storage_options_that_are_not_a_json_object_are_a_usage_error(
     command: list[str], bad: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as info:
-        cli([*command, "--storage-options", bad])
-    assert info.value.code == 2
+    assert cli([*command, "--storage-options", bad]) == 2  # returned, not a SystemExit
     assert "--storage-options" in capsys.readouterr().err
 
 
@@ -250,14 +244,15 @@ TABLE: list[tuple[list[str], int, str, bool]] = [
     (["--help"], 0, "Exit codes", False),
     (["backends", "--help"], 0, "--json", False),
     (["ls", "--help"], 0, "--storage-options", False),
-    (["verify", "--help"], 0, "uri", False),
+    (["verify", "--help"], 0, "URI", False),
     (["pull", "--help"], 0, "--overwrite", False),
     (["doctor", "--help"], 0, "--working-dir", False),
     (["bench", "--help"], 0, "--s3-server", False),  # the bench's own help, not a stub
     (["demo", "--help"], 0, "--runs", False),
-    (["frobnicate"], 2, "invalid choice", False),
-    (["pull", "runs/good"], 2, "required", False),
+    (["frobnicate"], 2, "No such command", False),
+    (["pull", "runs/good"], 2, "Missing argument", False),
     (["ls", "runs", "--storage-options", "[1]"], 2, "JSON object", False),
+    (["ls", "runs", "--frobnicate"], 2, "No such option", False),
     (["ls", "s3:/bucket/x"], 2, "s3://", False),
     (["ls", "simplecache::s3://bucket/x"], 2, "chained", False),
     (["ls", "nonexistent"], 3, "no such directory", False),
@@ -319,3 +314,27 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
     )
     assert len(proc.stdout.splitlines()) == 2 and "run-00000" in proc.stdout
     assert proc.stderr == ""
+
+
+def test_shell_completion_completes_commands_and_options(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "_RAYSYNC_COMPLETE": "bash_complete", "COMP_CWORD": "1"}
+    commands = subprocess.run(
+        [sys.executable, "-m", "raysync"],
+        env={**env, "COMP_WORDS": "raysync ve"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert commands.returncode == 0 and "plain,verify" in commands.stdout.splitlines()
+    options = subprocess.run(
+        [sys.executable, "-m", "raysync"],
+        env={**env, "COMP_WORDS": "raysync pull --ov", "COMP_CWORD": "2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "plain,--overwrite" in options.stdout.splitlines()
