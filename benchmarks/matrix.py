@@ -152,46 +152,64 @@ def targets_table(report: dict[str, Any]) -> str:
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
-    """Horizontal bars: each contender's throughput as a multiple of the best baseline of its
-    backend and shape (1.0 = as fast as the fastest tool a user would otherwise run)."""
+    """One panel per backend: each raysync contender's throughput as a multiple of the best
+    baseline of its shape (1.0 = as fast as the fastest tool a user would otherwise run), the
+    whisker the range over the repetitions. Every contender's figures are in the tables."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(b, s, shape) for b, v in report["backends"].items()
-              for shape, s in v["shapes"].items()]  # fmt: skip
-    rows = sum(len(s["results"]) for _, s, _ in panels)
+    panels = []
+    for backend, b in report["backends"].items():
+        rows = []
+        for shape, s in b["shapes"].items():
+            best = s["results"][s["baseline"]]["median_s"]
+            for name, r in s["results"].items():
+                if name.startswith("raysync") or name.startswith("re-export"):
+                    lo = best / r.get("max_s", r["median_s"])
+                    hi = best / r.get("min_s", r["median_s"])
+                    label = f"{shape}: {name.removeprefix('raysync ')}"
+                    rows.append((label, r["ratio_to_best_baseline"], lo, hi))
+        if rows:
+            panels.append((backend, b["target"], rows))
+    height = sum(0.28 * len(rows) + 0.75 for _, _, rows in panels) + 0.8
     fig, axes = plt.subplots(
-        len(panels), 1, figsize=(9, 0.32 * rows + 0.9 * len(panels) + 0.6), squeeze=False
+        len(panels),
+        1,
+        figsize=(9, height),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [len(r) + 1.5 for _, _, r in panels]},
     )
-    for ax, (backend, s, shape) in zip(axes[:, 0], panels, strict=True):
-        names = list(s["results"])
-        values = [s["results"][n]["ratio_to_best_baseline"] for n in names]
-        colors = ["tab:orange" if n.startswith("raysync") or "re-export" in n else "tab:gray"
-                  for n in names]  # fmt: skip
-        ax.barh(range(len(names)), values, color=colors)
-        ax.set_yticks(range(len(names)), names, fontsize=8)
+    for ax, (backend, target, rows) in zip(axes[:, 0], panels, strict=True):
+        labels = [r[0] for r in rows]
+        values = [r[1] for r in rows]
+        err = [[v - r[2] for v, r in zip(values, rows, strict=True)],
+               [r[3] - v for v, r in zip(values, rows, strict=True)]]  # fmt: skip
+        colors = ["tab:orange" if v >= 1.0 else "tab:red" if v < 0.8 else "tab:olive"
+                  for v in values]  # fmt: skip
+        # Linear up to 3x: a 150x re-export would flatten every other bar; its label says it.
+        top = min(max(max(values), 1.0) * 1.15, 3.3)
+        shown = [min(v, top) for v in values]
+        err[1] = [0.0 if v > top else e for v, e in zip(values, err[1], strict=True)]
+        ax.barh(range(len(rows)), shown, xerr=err, color=colors, ecolor="black", capsize=2)
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xlim(0, max(values) * 1.2)
-        ax.set_title(
-            f"{backend}, {shape}: {s['files']:,} files, {s['bytes'] / 1e6:,.0f} MB",
-            fontsize=9, loc="left",
-        )  # fmt: skip
-        for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.2f}×", va="center", fontsize=7)
+        ax.axvline(0.8, color="gray", linewidth=0.6, linestyle=":")
+        ax.set_xlim(0, top * 1.12)
+        ax.set_title(f"{backend} → {target}", fontsize=9, loc="left")
+        for i, (v, x) in enumerate(zip(values, shown, strict=True)):
+            ax.text(x, i, f"  {v:.2f}×", va="center", fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(
-        "raysync against the tools users would otherwise run"
-        " (× the best baseline, higher is faster)",
-        fontsize=10,
+        "raysync as a multiple of the fastest tool a user would otherwise run"
+        " (1.0: as fast; dotted: 0.8; whiskers: the range over the repetitions)",
+        fontsize=9,
     )
-    # The whole machine line, wrapped (it used to be cut at 180 characters), with room kept
-    # for it below the panels.
+    # The whole machine line, wrapped, with room kept for it below the panels.
     footer = textwrap.fill(machine_line(report), 200)
-    height = fig.get_figheight()
-    bottom = (footer.count("\n") + 1) * 0.1 / height + 0.004
+    bottom = (footer.count("\n") + 1) * 0.1 / fig.get_figheight() + 0.004
     fig.text(0.01, 0.003, footer, fontsize=5, va="bottom")
     fig.tight_layout(rect=(0, bottom, 1, 0.98))
     fig.savefig(path, dpi=110)

@@ -154,6 +154,9 @@ def summary(
         peak = (peaks or {}).get(name)
         rows[name] = {
             "median_s": med[name],
+            # The spread of the repetitions (the chart draws the ratio's range from them).
+            "min_s": min(times[name]),
+            "max_s": max(times[name]),
             "files_per_s": nfiles / med[name],
             "mb_per_s": nbytes / 1e6 / med[name],
             # The median over repetitions: the first one also pays one-time imports (s3fs,
