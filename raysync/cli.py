@@ -175,18 +175,19 @@ def _report(args: argparse.Namespace, out: dict[str, Any], code: int) -> int:
 
 
 class _Progress:
-    """A progress line on stderr: redrawn in place on a terminal, printed once otherwise."""
+    """A progress bar on stderr, redrawn in place, with rate and ETA: only on a terminal and
+    never in JSON mode (nothing in logs or pipes)."""
 
-    def __init__(self, total: int, label: str) -> None:
+    def __init__(self, total: int, label: str, *, quiet: bool = False) -> None:
         self.total, self.label, self.done = max(total, 1), label, 0
-        self.tty = sys.stderr.isatty()
+        self.shown = sys.stderr.isatty() and not quiet
         self.last = 0.0
         self.t0 = time.monotonic()
 
     def add(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if self.tty and now - self.last > 0.2:
+        if self.shown and now - self.last > 0.2:
             self.last = now
             self._draw(end="\r")
 
@@ -194,16 +195,21 @@ class _Progress:
         pct = 100 * self.done / self.total
         width = 30
         bar = "#" * int(width * self.done / self.total)
-        rate = self.done / 1e6 / max(time.monotonic() - self.t0, 1e-6)
+        elapsed = max(time.monotonic() - self.t0, 1e-6)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate > 0 else 0.0
+        eta = f"ETA {int(left // 60)}:{int(left % 60):02d}" if self.done < self.total else ""
         print(
-            f"{self.label} [{bar:<{width}}] {pct:5.1f}% {self.done / 1e6:.1f} MB {rate:.1f} MB/s",
+            f"{self.label} [{bar:<{width}}] {pct:5.1f}% {self.done / 1e6:.1f} MB "
+            f"{rate / 1e6:.1f} MB/s {eta}\033[K",
             end=end,
             file=sys.stderr,
             flush=True,
         )
 
     def finish(self) -> None:
-        self._draw(end="\n")
+        if self.shown:
+            self._draw(end="\n")
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -212,7 +218,7 @@ def _pull(args: argparse.Namespace) -> int:
     manifest = reader.manifest()
     if manifest is None:
         return _report(args, {"uri": shown, "ok": False, "error": "no committed run"}, 1)
-    progress = _Progress(manifest.total_bytes, "pulling")
+    progress = _Progress(manifest.total_bytes, "pulling", quiet=args.json)
 
     def read(entry: FileEntry) -> Iterator[bytes]:
         for chunk in reader.read(entry):

@@ -338,3 +338,46 @@ def test_shell_completion_completes_commands_and_options(tmp_path: Path) -> None
         check=False,
     )
     assert "plain,--overwrite" in options.stdout.splitlines()
+
+
+def test_pull_shows_a_progress_bar_on_a_terminal_and_nothing_in_a_log(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    _damaged_runs(tmp_path)
+    logged = subprocess.run(
+        [sys.executable, "-m", "raysync", "pull", "runs/good", "logged"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert logged.returncode == 0 and "pulling" not in logged.stderr
+    leader, follower = pty.openpty()
+    try:
+        shown = subprocess.run(
+            [sys.executable, "-m", "raysync", "pull", "runs/good", "shown"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            timeout=120,
+            check=False,
+        )
+        os.close(follower)
+        follower = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert shown.returncode == 0
+    assert b"pulling [" in seen and b"MB/s" in seen and b"100.0%" in seen
