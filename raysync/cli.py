@@ -331,7 +331,10 @@ def _call(ctx: click.Context, fn: Any, **values: Any) -> int:
 
 
 @click.group(
-    help=__doc__,
+    help="raysync: list, verify and pull runs by URI, check a cluster (doctor), measure "
+    "(bench), run the demo. Exit codes: 0 ok, 1 a check failed, 2 usage or configuration, "
+    "3 the destination cannot be reached or does not exist, 4 a bug (-v shows the "
+    "traceback). docs/cli.md describes each command.",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(package_name="raysync", message="raysync %(version)s")
