@@ -54,6 +54,31 @@ LARGE = CHUNK
 MEMORY_FS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
 
 
+#: Where the export running in this process reports the bytes it reads (a stack: the
+#: innermost :func:`reporting` wins). Set by ``exporting.export_once``.
+_SINKS: list[Callable[[int], None]] = []
+
+
+def progress(n: int) -> None:
+    """Report ``n`` more bytes read by the export running in this process. The kit's copy and
+    hash helpers call it; a backend that moves bytes its own way may too."""
+    if _SINKS and n:
+        _SINKS[-1](n)
+
+
+@contextmanager
+def reporting(sink: Callable[[int], None] | None) -> Iterator[None]:
+    """While the block runs, :func:`progress` calls ``sink`` (``None``: leaves it as it is)."""
+    if sink is None:
+        yield
+        return
+    _SINKS.append(sink)
+    try:
+        yield
+    finally:
+        _SINKS.remove(sink)
+
+
 def copy_threads() -> int:
     """Threads for large files: two per core, at least 2, at most 8."""
     return max(2, min(8, 2 * (os.cpu_count() or 1)))
@@ -171,6 +196,7 @@ def copy_small(
         os.close(fd)
     if len(data) != entry.size:
         raise changed_error(entry, len(data))
+    progress(len(data))
     out = _create(dst, entry.mode & 0o777)
     try:
         _write_all(out, data)
@@ -232,6 +258,7 @@ def copy_and_hash(entry: FileEntry, dst: str | Path, algorithm: str = checksum.D
                 h.update(chunk)
                 _write_all(out, chunk)
                 seen += n
+                progress(n)
         finally:
             os.close(out)
     if seen != entry.size:
@@ -302,12 +329,14 @@ def _hash_file_into(path: str | Path, entry: FileEntry, algorithm: str) -> None:
                 data += more  # a short read (network file systems)
             h.update(data)
             seen = len(data)
+            progress(seen)
         else:
             buf = bytearray(CHUNK)
             view = memoryview(buf)
             while n := f.readinto(buf):
                 h.update(view[:n])
                 seen += n
+                progress(n)
     if seen != entry.size:
         raise changed_error(entry, seen)
     entry.digest = h.hexdigest()
@@ -325,6 +354,7 @@ def read_and_hash(entry: FileEntry, into: memoryview, algorithm: str = checksum.
         extra = src.read(1)
     if seen != entry.size or extra:
         raise changed_error(entry, seen + len(extra))
+    progress(seen)
     entry.digest = checksum.of_bytes(into, algorithm)
 
 
@@ -337,6 +367,7 @@ def read_hashed(entry: FileEntry, algorithm: str = checksum.DEFAULT) -> bytes:
             data += more  # a short read (network file systems)
     if len(data) != entry.size:
         raise changed_error(entry, len(data))
+    progress(len(data))
     entry.digest = checksum.of_bytes(data, algorithm)
     return data
 
@@ -352,6 +383,7 @@ class HashedSource:
         data = self._f.read(n) or b""
         self._h.update(data)
         self.seen += len(data)
+        progress(len(data))
         return data
 
     def chunks(self, n: int = CHUNK) -> Iterator[bytes]:

@@ -8,17 +8,20 @@ manifest and hands the backend one :class:`~raysync.backend.ExportRequest`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from raysync import checksum as checksum_mod
+from raysync import rayshim
 from raysync.backend import Conflict, ExportOutcome, ExportRequest
-from raysync.copy import KnownDigests
+from raysync.copy import KnownDigests, reporting
 from raysync.hookspecs import ExportBackend
 from raysync.manifest import FileEntry, Manifest, scan
-from raysync.target import Target
+from raysync.target import Target, redact
 
 
 def prepare(backend: ExportBackend, target: Target) -> dict[str, str]:
@@ -55,17 +58,42 @@ def export_once(
     if known is not None:
         known.apply(files)
     manifest = Manifest(files=files, run=run, trees=list(trees), checksum=checksum)
-    outcome = backend.export(
-        ExportRequest(
-            target=target,
-            files=files,
-            manifest=manifest,
-            workspace=workspace,
-            conflict=cast(Conflict, conflict),
-            task_id=str(run.get("task_id", "")),
-            prepared=dict(prepared or {}),
-        )
+    request = ExportRequest(
+        target=target,
+        files=files,
+        manifest=manifest,
+        workspace=workspace,
+        conflict=cast(Conflict, conflict),
+        task_id=str(run.get("task_id", "")),
+        prepared=dict(prepared or {}),
     )
+    with _progress_bar(manifest.total_bytes, target) as sink, reporting(sink):
+        outcome = backend.export(request)
     if known is not None:
         known.remember(files, began_ns)
     return files, manifest, outcome
+
+
+#: Exports of at least this many bytes show a progress bar in the driver's terminal
+#: (``RAYSYNC_PROGRESS_MIN_BYTES`` changes it; 0 turns it off).
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, target: Target) -> Iterator[Callable[[int], None] | None]:
+    """A bar for a long export in a Ray task or actor, drawn in the driver's terminal by
+    Ray's ``tqdm_ray`` (it needs no tqdm); elsewhere, or for a small export, nothing."""
+    try:
+        threshold = int(os.environ.get("RAYSYNC_PROGRESS_MIN_BYTES", PROGRESS_MIN_BYTES))
+    except ValueError:
+        threshold = PROGRESS_MIN_BYTES
+    bar = None
+    if threshold > 0 and total >= threshold and not rayshim.is_driver():
+        from ray.experimental import tqdm_ray
+
+        bar = tqdm_ray.tqdm(desc=f"raysync export to {redact(target.uri)}", total=total, unit="B")
+    try:
+        yield bar.update if bar is not None else None
+    finally:
+        if bar is not None:
+            bar.close()
