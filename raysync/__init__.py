@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from raysync import driver as _driver
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest
+from raysync.checkpoints import Checkpoint, checkpoint
 from raysync.decorator import isolated_export
 from raysync.errors import RaySyncError
 from raysync.hookspecs import ExportBackend, hookimpl
@@ -34,6 +35,7 @@ _driver.install_init_hook()
 
 __all__ = [
     "Capabilities",
+    "Checkpoint",
     "ExportBackend",
     "ExportOutcome",
     "ExportRequest",
@@ -46,6 +48,7 @@ __all__ = [
     "Target",
     "Workspace",
     "__version__",
+    "checkpoint",
     "collect",
     "current_workspace",
     "get_registry",

@@ -17,17 +17,17 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import Any, cast
 
 import ray
 
+from raysync import checkpoints, driver, rayshim, redaction, workspace
 from raysync import checksum as checksum_mod
-from raysync import driver, rayshim, redaction, workspace
 from raysync.backend import Conflict, ExportOutcome
-from raysync.checkpoints import Checkpoints
+from raysync.checkpoints import Checkpoint, Checkpoints
 from raysync.config import Config, make_config
 from raysync.copy import KnownDigests
 from raysync.errors import (
@@ -42,7 +42,7 @@ from raysync.hookspecs import ExportBackend
 from raysync.identity import call_id, function_name, ordinal_in_task
 from raysync.manifest import FileEntry, Manifest
 from raysync.redaction import redact_error
-from raysync.result import ExportResult, ExportStats
+from raysync.result import ExportResult, ExportStats, IsolatedExport
 from raysync.target import (
     BUILTIN_FIELDS,
     Target,
@@ -50,29 +50,6 @@ from raysync.target import (
     render,
     template_fields,
 )
-
-P = ParamSpec("P")
-R = TypeVar("R")
-C = TypeVar("C", bound=type)
-
-
-class IsolatedExport(Protocol):
-    """What :func:`isolated_export` returns: a decorator under which a call returns
-    ``ExportResult[R]`` where the function returned ``R`` (its ``.value``), with the same
-    parameters; an ``async def`` stays a coroutine function; a class keeps its type (each
-    public method of it is wrapped)."""
-
-    @overload
-    def __call__(self, obj: C, /) -> C: ...
-
-    @overload
-    def __call__(  # type: ignore[overload-overlap]  # an async def matches both; this first
-        self, obj: Callable[P, Coroutine[Any, Any, R]], /
-    ) -> Callable[P, Coroutine[Any, Any, ExportResult[R]]]: ...
-
-    @overload
-    def __call__(self, obj: Callable[P, R], /) -> Callable[P, ExportResult[R]]: ...
-
 
 log = redaction.logger("raysync")
 
@@ -331,25 +308,40 @@ def _export(call: _Call, run: dict[str, Any]) -> tuple[list[FileEntry], Manifest
     )
 
 
+def _checkpoint(call: _Call) -> Checkpoint:
+    """Commit the call's trees as its next checkpoint (the caller holds ``export_lock``)."""
+    if call.cfg.backend.capabilities.by_value:
+        raise ConfigError(
+            "raysync.checkpoint() needs a destination, but this call returns its files by "
+            "value when it ends",
+            hint="give the decorator an output_uri (a path, s3://...)",
+        )
+    n = call.checkpoints + 1
+    run = {
+        **call.run,
+        "status": "running",
+        "checkpoint": n,
+        "synced_at": _now(),
+        "ended_at": None,
+        "error": None,
+    }
+    _, _, outcome = _export(call, run)
+    call.checkpoints = n
+    return Checkpoint(n, outcome.uri)  # as the final ExportResult says it
+
+
+def _checkpoint_now(call: _Call) -> Checkpoint:
+    """:func:`raysync.checkpoint`, in turn with ``sync_every`` and the final export."""
+    with call.export_lock:
+        return _checkpoint(call)
+
+
 def _syncer(call: _Call) -> Checkpoints | None:
     """``sync_every``: commit the call's trees as a checkpoint every interval while it runs."""
     every = call.cfg.sync_every
     if every is None:
         return None
-
-    def checkpoint(n: int) -> None:
-        run = {
-            **call.run,
-            "status": "running",
-            "checkpoint": n,
-            "synced_at": _now(),
-            "ended_at": None,
-            "error": None,
-        }
-        _export(call, run)
-        call.checkpoints = n
-
-    return Checkpoints(every, call.export_lock, checkpoint, redact(call.target.uri))
+    return Checkpoints(every, call.export_lock, lambda: _checkpoint(call), redact(call.target.uri))
 
 
 def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResult[Any]:
@@ -439,7 +431,8 @@ def _run_sync(
         with workspace.activated(call.ws, cfg.env, chdir=cfg.chdir):
             syncer = _syncer(call)
             try:
-                value = fn(*args, **kwargs)
+                with checkpoints.active(lambda: _checkpoint_now(call)):
+                    value = fn(*args, **kwargs)
             except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
                 error: BaseException | None = e
             else:
@@ -482,7 +475,8 @@ async def _run_async(
             with workspace.activated(call.ws, cfg.env, chdir=cfg.chdir):
                 syncer = _syncer(call)
                 try:
-                    value = await fn(*args, **kwargs)
+                    with checkpoints.active(lambda: _checkpoint_now(call)):
+                        value = await fn(*args, **kwargs)
                 except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
                     error = e
     finally:

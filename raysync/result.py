@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import stat
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from raysync import checksum as checksum_mod
 from raysync.errors import IntegrityError, MaterializeError
@@ -235,3 +235,26 @@ def read_path_chunks(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
     """Stream a file in chunks (for :func:`place_files`)."""
     with open(path, "rb") as f:
         yield from iter(lambda: f.read(chunk), b"")
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+C = TypeVar("C", bound=type)
+
+
+class IsolatedExport(Protocol):
+    """What :func:`isolated_export` returns: a decorator under which a call returns
+    ``ExportResult[R]`` where the function returned ``R`` (its ``.value``), with the same
+    parameters; an ``async def`` stays a coroutine function; a class keeps its type (each
+    public method of it is wrapped)."""
+
+    @overload
+    def __call__(self, obj: C, /) -> C: ...
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]  # an async def matches both; this first
+        self, obj: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> Callable[P, Coroutine[Any, Any, ExportResult[R]]]: ...
+
+    @overload
+    def __call__(self, obj: Callable[P, R], /) -> Callable[P, ExportResult[R]]: ...
