@@ -4,13 +4,13 @@ what is wrong and how to fix it)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from raysync import checksum as checksum_mod
 from raysync.backend import CONFLICT_POLICIES, Conflict
-from raysync.errors import ConfigError
+from raysync.errors import ConfigError, ValidationError
 from raysync.hookspecs import ExportBackend
 from raysync.manifest import tree_names
 from raysync.registry import get_registry
@@ -29,9 +29,24 @@ class Config:
     keep_workspace: bool
     checksum: str = checksum_mod.DEFAULT
     sync_every: float | None = None
+    #: ``validate(workspace)``: runs after the function, before the final commit.
+    validate: Callable[[Any], Any] | None = None
     key: str = ""
     function: str = ""
     fields: tuple[str, ...] = field(default_factory=tuple)
+
+    def check_output(self, ws: Any) -> None:
+        """Run ``validate(ws)``; what it raises becomes a :class:`ValidationError` naming it."""
+        if self.validate is None:
+            return
+        name = getattr(self.validate, "__qualname__", repr(self.validate))
+        try:
+            self.validate(ws)
+        except Exception as e:
+            raise ValidationError(
+                f"validate={name} refused the output: {type(e).__name__}: {e}",
+                hint="the run was not committed as succeeded; fix the output or the check",
+            ) from e
 
 
 def make_config(
@@ -46,6 +61,7 @@ def make_config(
     keep_workspace: bool,
     checksum: str = checksum_mod.DEFAULT,
     sync_every: float | None = None,
+    validate: Callable[[Any], Any] | None = None,
 ) -> Config:
     if output_uri is not None and (not isinstance(output_uri, str) or not output_uri.strip()):
         raise ConfigError(
@@ -116,4 +132,14 @@ def make_config(
         keep_workspace=keep_workspace,
         checksum=checksum_mod.check(checksum),
         sync_every=float(sync_every) if sync_every is not None else None,
+        validate=_callable(validate),
     )
+
+
+def _callable(validate: Any) -> Callable[[Any], Any] | None:
+    if validate is not None and not callable(validate):
+        raise ConfigError(
+            f"validate must be a function of the workspace, not {validate!r}",
+            hint="e.g. validate=lambda ws: (ws.export_dir / 'model.pt').stat()",
+        )
+    return cast(Callable[[Any], Any] | None, validate)

@@ -71,6 +71,7 @@ def isolated_export(
     keep_workspace: bool = False,
     checksum: str = checksum_mod.DEFAULT,
     sync_every: float | None = None,
+    validate: Callable[[Any], Any] | None = None,
 ) -> IsolatedExport:
     """Run every call of a Ray task or actor method in a private workspace, then export it.
 
@@ -115,6 +116,7 @@ def isolated_export(
         keep_workspace,
         checksum,
         sync_every,
+        validate,
     )
 
     def decorate(obj: Any) -> Any:
@@ -433,6 +435,7 @@ def _run_sync(
             try:
                 with checkpoints.active(lambda: _checkpoint_now(call)):
                     value = fn(*args, **kwargs)
+                cfg.check_output(call.ws)
             except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
                 error: BaseException | None = e
             else:
@@ -477,6 +480,7 @@ async def _run_async(
                 try:
                     with checkpoints.active(lambda: _checkpoint_now(call)):
                         value = await fn(*args, **kwargs)
+                    await asyncio.to_thread(cfg.check_output, call.ws)
                 except BaseException as e:  # noqa: BLE001 - recorded, then re-raised
                     error = e
     finally:

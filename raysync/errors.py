@@ -116,6 +116,11 @@ class MissingDependencyError(ConfigError):
         super().__init__(f"{what} needs an optional dependency that is not installed", hint=hint)
 
 
+class ValidationError(RaySyncError):
+    """The decorator's ``validate`` function refused a call's output: nothing was committed
+    as ``succeeded``."""
+
+
 class PluginError(RaySyncError):
     """A plugin module is broken (import error, bad hook signature, invalid backend)."""
 

@@ -85,3 +85,57 @@ def test_checkpoint_in_a_ray_task_and_an_async_actor(ray_wd: Path) -> None:
     assert ray.get(Worker.remote().run.remote("a1")).value == 12
     run = _manifest(ray_wd / "out" / "actor" / "a1")["run"]
     assert isinstance(run, dict) and run["checkpoints"] == 2 and run["status"] == "succeeded"
+
+
+def test_validate_refusing_the_output_leaves_no_succeeded_run_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from raysync.errors import ValidationError
+
+    monkeypatch.chdir(tmp_path)
+
+    def has_model(ws: raysync.Workspace) -> None:
+        if not (ws.export_dir / "model.pt").exists():
+            raise FileNotFoundError("export/model.pt was not written")
+
+    @isolated_export("runs/{name}", validate=has_model)
+    def train(name: str, write: bool) -> str:
+        Path("export/log.txt").write_text("trained")
+        if write:
+            Path("export/model.pt").write_bytes(b"weights")
+        return "done"
+
+    with pytest.raises(ValidationError) as info:
+        train(name="bad", write=False)
+    said = str(info.value)
+    assert "has_model" in said and "export/model.pt was not written" in said
+    run = _manifest(tmp_path / "runs" / "bad")["run"]  # exported, as failed, with the reason
+    assert isinstance(run, dict) and run["status"] == "failed"
+    assert "export/model.pt was not written" in str(run["error"])
+
+    ok = train(name="good", write=True)
+    assert ok.value == "done" and _manifest(tmp_path / "runs" / "good")["run"]["status"] == (  # type: ignore[index]
+        "succeeded"
+    )
+    with pytest.raises(ConfigError, match="validate must be a function"):
+        isolated_export("runs/{name}", validate="yes")  # type: ignore[arg-type]
+
+
+def test_validate_runs_for_an_async_function_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from raysync.errors import ValidationError
+
+    monkeypatch.chdir(tmp_path)
+
+    def never(ws: raysync.Workspace) -> None:
+        raise ValueError(f"nothing in {ws.export_dir.name}")
+
+    @isolated_export("runs/{name}", validate=never)
+    async def produce(name: str) -> None:
+        Path("export/a.txt").write_text("a")
+
+    with pytest.raises(ValidationError, match="never refused the output"):
+        asyncio.run(produce(name="a1"))
+    run = _manifest(tmp_path / "runs" / "a1")["run"]
+    assert isinstance(run, dict) and run["status"] == "failed"
