@@ -343,6 +343,8 @@ def test_shell_completion_completes_commands_and_options(tmp_path: Path) -> None
 def test_pull_shows_a_progress_bar_on_a_terminal_and_nothing_in_a_log(tmp_path: Path) -> None:
     import os
     import pty
+    import select
+    import time
 
     _damaged_runs(tmp_path)
     logged = subprocess.run(
@@ -367,7 +369,10 @@ def test_pull_shows_a_progress_bar_on_a_terminal_and_nothing_in_a_log(tmp_path: 
         os.close(follower)
         follower = -1
         seen = b""
-        while True:
+        deadline = time.monotonic() + 30  # bounded: the pull has exited already
+        while time.monotonic() < deadline:
+            if not select.select([leader], [], [], 1.0)[0]:
+                break
             try:
                 chunk = os.read(leader, 4096)
             except OSError:  # the terminal's other end is closed: all read
