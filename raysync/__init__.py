@@ -20,6 +20,7 @@ from raysync.manifest import FileEntry, Manifest
 from raysync.project import runtime_env
 from raysync.registry import get_registry, register_backend
 from raysync.result import ExportResult, ExportStats, collect
+from raysync.resuming import ResumedFrom
 from raysync.target import Target
 from raysync.workspace import Workspace, current_workspace
 
@@ -45,6 +46,7 @@ __all__ = [
     "Manifest",
     "RaySyncError",
     "RegisterBackend",
+    "ResumedFrom",
     "Target",
     "Workspace",
     "__version__",

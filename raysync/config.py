@@ -31,6 +31,8 @@ class Config:
     sync_every: float | None = None
     #: ``validate(workspace)``: runs after the function, before the final commit.
     validate: Callable[[Any], Any] | None = None
+    #: Start from the checkpoint an earlier call left (:mod:`raysync.resuming`).
+    resume: bool = False
     key: str = ""
     function: str = ""
     fields: tuple[str, ...] = field(default_factory=tuple)
@@ -62,6 +64,7 @@ def make_config(
     checksum: str = checksum_mod.DEFAULT,
     sync_every: float | None = None,
     validate: Callable[[Any], Any] | None = None,
+    resume: bool = False,
 ) -> Config:
     if output_uri is not None and (not isinstance(output_uri, str) or not output_uri.strip()):
         raise ConfigError(
@@ -117,6 +120,12 @@ def make_config(
                 "files by value when the call ends",
                 hint="give an output_uri (a path, s3://...) or drop sync_every",
             )
+    if not isinstance(resume, bool):
+        raise ConfigError(f"resume must be True or False, not {resume!r}")
+    if resume:
+        from raysync import resuming
+
+        resuming.check(be)
     target = Target.parse(output_uri or "", storage_options)
     template_fields(target.uri)  # malformed templates fail here
     check_template(target.uri)  # so do templates that can never name a run
@@ -133,6 +142,7 @@ def make_config(
         checksum=checksum_mod.check(checksum),
         sync_every=float(sync_every) if sync_every is not None else None,
         validate=_callable(validate),
+        resume=resume,
     )
 
 

@@ -11,15 +11,10 @@ import contextlib
 import functools
 import hashlib
 import inspect
-import os
-import socket
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, cast
 
 import ray
@@ -27,27 +22,24 @@ import ray
 from raysync import checkpoints, driver, rayshim, redaction, workspace
 from raysync import checksum as checksum_mod
 from raysync.backend import Conflict, ExportOutcome
+from raysync.calls import Call, begin, now, start
 from raysync.checkpoints import Checkpoint, Checkpoints
 from raysync.config import Config, make_config
-from raysync.copy import KnownDigests
 from raysync.errors import (
     ConfigError,
-    DestinationNotVisibleError,
     ExportError,
     RaySyncError,
     TemplateError,
 )
 from raysync.exporting import export_once
 from raysync.hookspecs import ExportBackend
-from raysync.identity import call_id, function_name, ordinal_in_task
+from raysync.identity import function_name
 from raysync.manifest import FileEntry, Manifest
 from raysync.redaction import redact_error
 from raysync.result import ExportResult, ExportStats, IsolatedExport
 from raysync.target import (
     BUILTIN_FIELDS,
-    Target,
     redact,
-    render,
     template_fields,
 )
 
@@ -72,6 +64,7 @@ def isolated_export(
     checksum: str = checksum_mod.DEFAULT,
     sync_every: float | None = None,
     validate: Callable[[Any], Any] | None = None,
+    resume: bool = False,
 ) -> IsolatedExport:
     """Run every call of a Ray task or actor method in a private workspace, then export it.
 
@@ -99,6 +92,13 @@ def isolated_export(
         exported (incrementally: only changed files are sent) and committed with status
         ``running``, so a crash loses at most one interval of work. The final export replaces
         the last checkpoint. ``None`` (default): export once, when the call ends.
+    :param validate: ``validate(workspace)`` runs after the function and before the final
+        commit; when it raises, the run is not committed as ``succeeded`` and the call raises
+        :class:`raysync.errors.ValidationError`.
+    :param resume: start from the checkpoint (or failed run) an earlier attempt of the same
+        task, or an earlier call that is no longer running, left at the rendered URI: its
+        files are copied into the trees (verified) and
+        ``raysync.current_workspace().resumed_from`` says which. See docs/usage.md.
 
     Works on plain functions and methods (put ``@ray.remote`` above it), and on top of an
     existing ``ray.remote`` function or actor class. Every decorated call returns an
@@ -117,6 +117,7 @@ def isolated_export(
         checksum,
         sync_every,
         validate,
+        resume,
     )
 
     def decorate(obj: Any) -> Any:
@@ -204,95 +205,7 @@ def _wrap_function(fn: Callable[..., Any], cfg: Config) -> Callable[..., Any]:
 # -- the worker side ------------------------------------------------------------------------
 
 
-@dataclass
-class _Call:
-    cfg: Config
-    target: Target
-    task_id: str
-    run: dict[str, Any]
-    prepared: Mapping[str, str]
-    ws: workspace.Workspace | None = None
-    started: float = 0.0
-    #: Digests of files an earlier export of this call hashed (checkpoints).
-    known: KnownDigests = field(default_factory=KnownDigests)
-    #: Checkpoints and the final export take turns.
-    export_lock: threading.Lock = field(default_factory=threading.Lock)
-    checkpoints: int = 0
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _begin(
-    cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> _Call:
-    """Render the URI and look up the driver's facts; fails before the user's code runs."""
-    ctx = ray.get_runtime_context() if ray.is_initialized() else None
-    # A direct call (not a Ray task) has no task id; a unique one keeps two direct calls from
-    # being taken for two attempts of one task (which may replace each other's runs).
-    task_id = (ctx.get_task_id() if ctx else None) or f"direct-{uuid.uuid4().hex}"
-    node_id = (ctx.get_node_id() if ctx else None) or "local"
-    job_id = (ctx.get_job_id() if ctx else None) or "local"
-    # Ray task ids repeat across clusters: the session (one per cluster start) and the job
-    # make "an earlier attempt of this call" mean this call (DESIGN invariant 7).
-    session = rayshim.session_name(ctx) if ctx else "local"
-    attempt = rayshim.attempt_number()
-    ordinal = ordinal_in_task(task_id, attempt, cfg.function)
-    record = driver.lookup(cfg.key)
-    if cfg.backend.capabilities.needs_driver and record is None:
-        raise DestinationNotVisibleError(
-            "the driver did not prepare this destination, so this worker cannot prove it is "
-            "the one the driver meant",
-            uri=redact(cfg.target.uri),
-            hint="import raysync and decorate the function in the driver process (the "
-            "driver publishes each destination when ray.init() runs or at decoration)",
-        )
-    values: dict[str, Any] = {
-        "call_id": call_id(session, job_id, task_id, cfg.function, ordinal),
-        "task_id": task_id,
-        "job_id": job_id,
-        "node_id": node_id,
-        "attempt": attempt,
-    }
-    if cfg.fields:
-        sig = inspect.signature(fn)
-        bound = sig.bind_partial(*args, **kwargs)
-        bound.apply_defaults()
-        for name, value in bound.arguments.items():
-            if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                values.update(value)  # fields may name any keyword a **kwargs function takes
-            else:
-                values[name] = value
-    uri = render(cfg.target.uri, values, available=sorted(set(values) - {"self"}))
-    target = Target(
-        uri,
-        cfg.target.scheme,
-        cfg.target.options,
-        record.cwd if record else (os.getcwd() if driver.is_driver() else None),
-    )
-    run = {
-        "function": cfg.function,
-        "session": session,
-        "task_id": task_id,
-        "job_id": job_id,
-        "call": str(ordinal),
-        "attempt": attempt,
-        "node_id": node_id,
-        "hostname": socket.gethostname(),
-        "uri": redact(uri),
-        "backend": cfg.backend.name,
-    }
-    return _Call(cfg, target, task_id, run, record.backend_data if record else {})
-
-
-def _start(call: _Call) -> None:
-    call.ws = workspace.create(f"{call.task_id[:24]}-{call.run['attempt']}", call.cfg.trees)
-    call.started = time.perf_counter()
-    call.run["started_at"] = _now()
-
-
-def _export(call: _Call, run: dict[str, Any]) -> tuple[list[FileEntry], Manifest, ExportOutcome]:
+def _export(call: Call, run: dict[str, Any]) -> tuple[list[FileEntry], Manifest, ExportOutcome]:
     """Scan the trees and export them once (:func:`raysync.exporting.export_once`). Digests
     an earlier export of this call computed are reused for files whose fingerprint has not
     changed, so the backend's incremental export can skip them without reading them."""
@@ -310,7 +223,7 @@ def _export(call: _Call, run: dict[str, Any]) -> tuple[list[FileEntry], Manifest
     )
 
 
-def _checkpoint(call: _Call) -> Checkpoint:
+def _checkpoint(call: Call) -> Checkpoint:
     """Commit the call's trees as its next checkpoint (the caller holds ``export_lock``)."""
     if call.cfg.backend.capabilities.by_value:
         raise ConfigError(
@@ -318,12 +231,13 @@ def _checkpoint(call: _Call) -> Checkpoint:
             "value when it ends",
             hint="give the decorator an output_uri (a path, s3://...)",
         )
+    call.hold_lease()  # a checkpoint is a run in progress: others must know it is live
     n = call.checkpoints + 1
     run = {
         **call.run,
         "status": "running",
         "checkpoint": n,
-        "synced_at": _now(),
+        "synced_at": now(),
         "ended_at": None,
         "error": None,
     }
@@ -332,13 +246,13 @@ def _checkpoint(call: _Call) -> Checkpoint:
     return Checkpoint(n, outcome.uri)  # as the final ExportResult says it
 
 
-def _checkpoint_now(call: _Call) -> Checkpoint:
+def _checkpoint_now(call: Call) -> Checkpoint:
     """:func:`raysync.checkpoint`, in turn with ``sync_every`` and the final export."""
     with call.export_lock:
         return _checkpoint(call)
 
 
-def _syncer(call: _Call) -> Checkpoints | None:
+def _syncer(call: Call) -> Checkpoints | None:
     """``sync_every``: commit the call's trees as a checkpoint every interval while it runs."""
     every = call.cfg.sync_every
     if every is None:
@@ -346,11 +260,11 @@ def _syncer(call: _Call) -> Checkpoints | None:
     return Checkpoints(every, call.export_lock, lambda: _checkpoint(call), redact(call.target.uri))
 
 
-def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResult[Any]:
+def _finish(call: Call, value: Any, error: BaseException | None) -> ExportResult[Any]:
     """Scan and export; the workspace is removed only after a successful commit."""
     assert call.ws is not None
     run_seconds = time.perf_counter() - call.started
-    call.run["ended_at"] = _now()
+    call.run["ended_at"] = now()
     call.run["status"] = "failed" if error is not None else "succeeded"
     call.run["error"] = (  # the manifest never holds a credential (DESIGN invariant 5)
         redact("".join(traceback.format_exception_only(type(error), error)).strip()[:2000])
@@ -375,6 +289,8 @@ def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResul
             uri=redact(call.target.uri),
             workspace=str(call.ws.root),
         ) from None
+    finally:
+        call.release()  # the final export is over: the run is no longer in progress
     seconds = time.perf_counter() - t0
     stats = ExportStats(
         files=len(files),
@@ -396,10 +312,11 @@ def _finish(call: _Call, value: Any, error: BaseException | None) -> ExportResul
     )
 
 
-def _on_error(call: _Call, error: BaseException) -> None:
+def _on_error(call: Call, error: BaseException) -> None:
     """The function raised: export the partial trees if asked, and tell the user where."""
     assert call.ws is not None
     if not call.cfg.export_on_failure or not isinstance(error, Exception):
+        call.release()
         _note(error, f"raysync: the call failed; its workspace is kept in {call.ws.root}")
         return
     try:
@@ -423,12 +340,12 @@ def _note(error: BaseException, text: str) -> None:
 def _run_sync(
     cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> ExportResult[Any]:
-    call = _begin(cfg, fn, args, kwargs)
+    call = begin(cfg, fn, args, kwargs)
     lock = _CHDIR_LOCK if cfg.chdir else None
     if lock is not None:
         lock.acquire()
     try:
-        _start(call)
+        start(call)
         assert call.ws is not None
         with workspace.activated(call.ws, cfg.env, chdir=cfg.chdir):
             syncer = _syncer(call)
@@ -463,7 +380,7 @@ def _async_lock() -> asyncio.Lock:
 async def _run_async(
     cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> ExportResult[Any]:
-    call = _begin(cfg, fn, args, kwargs)
+    call = begin(cfg, fn, args, kwargs)
     error: BaseException | None = None
     value: Any = None
     syncer: Checkpoints | None = None
@@ -473,7 +390,7 @@ async def _run_async(
     )
     try:
         async with turn:
-            _start(call)
+            start(call)
             assert call.ws is not None
             with workspace.activated(call.ws, cfg.env, chdir=cfg.chdir):
                 syncer = _syncer(call)

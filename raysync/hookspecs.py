@@ -189,3 +189,17 @@ class OpensRuns(Protocol):
 
     def open_run(self, target: Target) -> RunReader:
         """A :class:`raysync.backend.RunReader` over the run at ``target.uri``."""
+
+
+@runtime_checkable
+class ResumesRuns(Protocol):
+    """Optional, for ``isolated_export(resume=True)``: read the run a call resumes from.
+
+    Called in the Ray worker when a call starts (where :meth:`ExportBackend.export` runs, with
+    the same ``prepared`` facts), so it must prove, as ``export`` does, that the destination it
+    reads is the one the driver meant. A backend without this hook refuses ``resume=True`` at
+    decoration."""
+
+    def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
+        """A :class:`raysync.backend.RunReader` over the run at ``target.uri``, from this
+        worker: ``manifest()`` is ``None`` when no run is there."""

@@ -81,6 +81,22 @@ def kv_get(key: bytes, *, namespace: str) -> bytes | None:
     return None if raw is None else bytes(raw)
 
 
+def kv_put_new(key: bytes, value: bytes, *, namespace: str) -> bool:
+    """Put ``value`` only when ``key`` is absent; True when this call wrote it (the GCS
+    decides, so two callers racing for one key never both win)."""
+    from ray.experimental import internal_kv
+
+    existed = internal_kv._internal_kv_put(key, value, overwrite=False, namespace=namespace)
+    return not existed
+
+
+def kv_del(key: bytes, *, namespace: str) -> None:
+    """Delete ``key`` from the internal KV store (nothing when absent)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(key, namespace=namespace)
+
+
 def add_post_init_hook(hook: Callable[[], None]) -> bool:
     """Run ``hook`` right after every ``ray.init()`` on the driver; False when Ray has no
     such list (decoration after ``ray.init`` then publishes at once instead).

@@ -3,7 +3,9 @@
 - **Identity.** A run's manifest records the call that wrote it: the Ray cluster session, the
   job, the task and the function (:data:`IDENTITY_KEYS`), Ray's attempt number, and which call
   of that function the task attempt made (``call``: "1", "2" for a second call of the same
-  function in one task). Ray task ids repeat across clusters (the first task of every fresh
+  function in one task). A call that resumed another call's checkpoint
+  (``resume=True``) records it in ``run["resumed_from"]`` and carries that call on
+  (:func:`continues`). Ray task ids repeat across clusters (the first task of every fresh
   ``ray.init()`` gets the same id), so a task id alone would take yesterday's run for a retry
   of today's call. :func:`same_call`: a run of an *earlier attempt* of the same task and
   function is this call's own (a retried task may make its calls in another order); within
@@ -73,12 +75,30 @@ def same_call(existing: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
     retry makes its calls in), or earlier in this same attempt by this same call (a
     ``sync_every`` checkpoint)."""
     ie = identity(existing)
-    if ie is None or ie != identity(run):
+    if ie is None:
+        return False
+    if continues(existing, run):
+        return True
+    if ie != identity(run):
         return False
     a, b = existing.get("attempt"), run.get("attempt")
     if isinstance(a, int) and isinstance(b, int) and a != b:
         return a < b  # a later attempt's run is never taken over by an older attempt
     return existing.get("call") == run.get("call")
+
+
+def continues(existing: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
+    """True when the call ``run`` describes resumed (``resume=True``) from the checkpoint or
+    failed run that ``existing`` (its manifest's ``run``, its lock, its claim) belongs to:
+    it carries that call on and may replace what it left. A ``succeeded`` run is never
+    taken over this way."""
+    resumed = run.get("resumed_from")
+    return (
+        isinstance(resumed, Mapping)
+        and identity(resumed) is not None
+        and claim_record(resumed) == claim_record(existing)
+        and existing.get("status") != "succeeded"
+    )
 
 
 def same_commit(committed: Mapping[str, Any], described: Mapping[str, Any]) -> bool:

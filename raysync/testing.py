@@ -36,11 +36,11 @@ import pytest
 from raysync import checksum
 from raysync.errors import ConfigError, MaterializeError, RaySyncError, RunExistsError
 from raysync.exporting import export_once, prepare
-from raysync.hookspecs import ExportBackend
+from raysync.hookspecs import ExportBackend, ResumesRuns
 from raysync.manifest import FileEntry, scan
 from raysync.registry import get_registry
 from raysync.result import ExportResult, ExportStats
-from raysync.rules import run_record
+from raysync.rules import claim_record, run_record
 from raysync.target import Target, split_scheme
 
 __all__ = ["BackendConformance", "ConformanceTarget"]
@@ -112,6 +112,7 @@ class BackendConformance:
         conflict: str = "error",
         files: list[FileEntry] | None = None,
         algorithm: str = checksum.DEFAULT,
+        extra: Mapping[str, Any] | None = None,
     ) -> ExportResult[Any]:
         """What the core does for one call: prepare (driver), export (worker)."""
         backend = self.backend()
@@ -119,7 +120,7 @@ class BackendConformance:
             backend,
             self.target(ct, run),
             ws,
-            conformance_run(task_id),
+            {**conformance_run(task_id), **(extra or {})},
             trees=["export", "data", "artifacts"],
             conflict=conflict,
             prepared=prepare(backend, self.target(ct)),
@@ -217,6 +218,41 @@ class BackendConformance:
         third = self.workspace(tmp_path, {"export/v.txt": b"3", "export/w.txt": b"w"})
         over = self.export(conformance_target, third, run, task_id="task-3", conflict="overwrite")
         assert self._read(over, tmp_path, "export/v.txt") == b"3"
+
+    def test_a_checkpoint_is_read_back_for_resume_and_replaced_only_by_its_continuation(
+        self, conformance_target: ConformanceTarget, tmp_path: Path
+    ) -> None:
+        """``resume=True``: the backend's ``resume_reader`` reads a checkpoint back byte for
+        byte, and the checkpoint is replaced by the call that resumed it (its manifest names
+        it in ``resumed_from``), never by another call."""
+        backend = self.backend()
+        if not conformance_target.has_destination or not isinstance(backend, ResumesRuns):
+            pytest.skip("the backend has no resume_reader hook")
+        ct, run = conformance_target, self.run_id()
+        files = {"export/a.txt": b"step 1", "data/b.bin": b"x" * 100_000}
+        checkpoint = {"status": "running", "checkpoint": 1}
+        self.export(ct, self.workspace(tmp_path, files), run, extra=checkpoint)
+        prepared = prepare(backend, self.target(ct))
+        reader = backend.resume_reader(self.target(ct, run), prepared)
+        try:
+            found = reader.manifest()
+            assert found is not None and found.status == "running"
+            reader.prefetch(found.files)
+            got = {f.path: b"".join(reader.read(f)) for f in found.files}
+        finally:
+            reader.close()
+        assert got == files
+        more = self.workspace(tmp_path, {**files, "export/c.txt": b"step 2"})
+        with pytest.raises(RunExistsError):
+            self.export(ct, more, run, task_id="task-2")
+        resumed = {"resumed_from": {**claim_record(conformance_run("task-1")), "checkpoint": 1}}
+        carried = self.export(ct, more, run, task_id="task-2", extra=resumed)
+        assert self._read(carried, tmp_path, "export/c.txt") == b"step 2"
+        empty = backend.resume_reader(self.target(ct, self.run_id()), prepared)
+        try:
+            assert empty.manifest() is None
+        finally:
+            empty.close()
 
     def test_unknown_storage_options_fail_in_check(
         self, conformance_target: ConformanceTarget

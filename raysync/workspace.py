@@ -21,12 +21,16 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 
 from raysync import rayshim
 from raysync.errors import TreeError
 from raysync.fsops import remove_tree
+
+if TYPE_CHECKING:
+    from raysync.resuming import ResumedFrom
 
 log = logging.getLogger("raysync")
 
@@ -47,6 +51,9 @@ class Workspace:
     #: The directory whose entries are linked in; None when the worker's cwd does not exist.
     source: Path | None
     trees: tuple[str, ...]
+    #: With ``resume=True``: the run and checkpoint this call's trees started from
+    #: (``None``: a fresh start).
+    resumed_from: ResumedFrom | None = None
 
     @property
     def export_dir(self) -> Path:

@@ -343,3 +343,60 @@ def test_node_killed_mid_export_the_retry_on_another_node_commits_and_no_reader_
     manifest = committed(dest)
     assert manifest.run["attempt"] == 1 and manifest.run["node_id"] == node2.driver_node_id
     assert [p.name for p in (host / "fleet-kill").iterdir() if "staging" in p.name] == []
+
+
+@pytest.mark.parametrize("where", ["host", "s3"])
+def test_a_call_whose_node_dies_after_a_checkpoint_resumes_on_the_head(
+    where: str, node2: Node2, host: Path, moto_endpoint: str, bucket: str
+) -> None:
+    """Issue 17: the first attempt runs on node 2, commits a checkpoint and its node dies;
+    Ray retries the task on the head, which resumes from that checkpoint."""
+    import time
+
+    import s3fs
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    import raysync
+    from tests.conftest import stop_node2
+
+    if where == "host":
+        uri, options = "host://resume-runs/{run_id}", None
+        manifest_at = host / "resume-runs" / "r" / MANIFEST_NAME
+
+        def checkpointed() -> bool:
+            return manifest_at.exists()
+    else:
+        uri, options = f"s3://{bucket}/resume/{{run_id}}", s3_options(moto_endpoint)
+        fs = s3fs.S3FileSystem(**options)
+
+        def checkpointed() -> bool:
+            fs.invalidate_cache()
+            return bool(fs.exists(f"{bucket}/resume/r/{MANIFEST_NAME}"))
+
+    @ray.remote(max_retries=1)
+    @isolated_export(uri, storage_options=options, resume=True)
+    def long_call(run_id: str) -> dict[str, Any]:
+        ws = raysync.current_workspace()
+        node = ray.get_runtime_context().get_node_id()
+        if ws.resumed_from is None:
+            (ws.export_dir / "first-half.txt").write_text(node)
+            raysync.checkpoint()
+            time.sleep(120)  # the test kills this node long before
+        (ws.export_dir / "second-half.txt").write_text(node)
+        return {"resumed": ws.resumed_from, "node": node}
+
+    prefer2 = NodeAffinitySchedulingStrategy(node2.node_id, soft=True)
+    ref = long_call.options(scheduling_strategy=prefer2).remote("r")
+    deadline = time.monotonic() + 90
+    while not checkpointed():
+        assert time.monotonic() < deadline, "the first attempt never checkpointed"
+        time.sleep(0.1)
+    stop_node2()
+    result = ray.get(ref, timeout=300)
+    assert result.value["node"] == node2.driver_node_id  # the retry ran on the head
+    resumed = result.value["resumed"]
+    assert resumed is not None and resumed.checkpoint == 1 and resumed.attempt == 0
+    out = result.materialize(host / "back" / where)
+    assert (out / "export" / "first-half.txt").read_text() == node2.node_id
+    assert (out / "export" / "second-half.txt").read_text() == node2.driver_node_id
+    assert result.manifest.run["attempt"] == 1

@@ -118,6 +118,12 @@ class LocalCopyBackend:
         path = Path(target.local_path())
         return DirReader(f"file://{path}", path)
 
+    def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
+        """In the worker: the run, once the driver's visibility token proves the path."""
+        path = Path(target.local_path())
+        check_visible(prepared, path, f"file://{path}")
+        return DirReader(f"file://{path}", path)
+
     def materialize(
         self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
     ) -> None:

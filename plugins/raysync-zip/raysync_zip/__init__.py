@@ -17,7 +17,7 @@ from typing import Any
 
 import raysync
 from raysync import rules
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location
+from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunReader
 from raysync.copy import CHUNK, hashed_source
 from raysync.errors import (
     ConfigError,
@@ -135,6 +135,14 @@ class ZipBackend:
             for chunk in src.chunks():
                 dst.write(chunk)
 
+    def open_run(self, target: Target) -> RunReader:
+        inner, _, options = _split(target.uri, target.options)
+        fs, path = self._fs(inner, options)
+        return ZipReader(redact(target.uri), fs, path)
+
+    def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
+        return self.open_run(target)
+
     def materialize(
         self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
     ) -> None:
@@ -158,6 +166,44 @@ class ZipBackend:
                     yield from iter(lambda: member.read(CHUNK), b"")
 
             place_run(dest, committed, read, uri=shown, overwrite=overwrite)
+
+
+class ZipReader(RunReader):
+    """Reads a run from its archive (``raysync verify``/``pull``, and ``resume=True``)."""
+
+    def __init__(self, uri: str, fs: Any, path: str) -> None:
+        super().__init__(uri)
+        self._file: Any = None
+        self._zip: zipfile.ZipFile | None = None
+        if fs.exists(path):
+            self._file = fs.open(path, "rb")
+            try:
+                self._zip = zipfile.ZipFile(self._file)
+            except zipfile.BadZipFile as e:
+                self._file.close()
+                raise IntegrityError(f"not a zip archive: {e}", uri=uri, bad=[path]) from None
+
+    def manifest(self) -> Manifest | None:
+        if self._zip is None:
+            return None
+        try:
+            data = self._zip.read(MANIFEST_NAME)
+        except KeyError:
+            raise IntegrityError(
+                "the archive holds no manifest", uri=self.uri, bad=[MANIFEST_NAME]
+            ) from None
+        return Manifest.from_bytes(data, uri=self.uri)
+
+    def read(self, entry: FileEntry) -> Iterator[bytes]:
+        assert self._zip is not None
+        with self._zip.open(check_relpath(entry.path)) as member:
+            yield from iter(lambda: member.read(CHUNK), b"")
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._file.close()
+            self._zip = None
 
 
 @raysync.hookimpl

@@ -267,6 +267,10 @@ class BlobBackend(RunLock, Uploads):
         engine, run, opts = self._open(target.uri, target.options)
         return BlobReader(redact(target.uri), engine, run, opts)
 
+    def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
+        """In the worker, with the same storage options the export uses."""
+        return self.open_run(target)
+
     def materialize(
         self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
     ) -> None:

@@ -172,6 +172,22 @@ class HostSyncBackend:
         path = Path(target.local_path())
         return DirReader(f"host://{path}", path)
 
+    def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
+        """In the worker: the run on the driver's machine, read through the sink actor."""
+        dest = Path(target.local_path())
+        uri = f"host://{dest}"
+        name = prepared.get("sink")
+        if not name or not ray.is_initialized():
+            raise DestinationError("host:// needs Ray: the driver's sink serves the run", uri=uri)
+        try:
+            sink = ray.get_actor(name, namespace=prepared.get("namespace"))
+        except ValueError as e:
+            raise DestinationError(
+                "the driver's sink actor is gone (did the driver exit?)", uri=uri
+            ) from e
+        opts = Options.parse(target.options)
+        return SinkReader(uri, sink, str(dest), opts)
+
     def materialize(
         self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
     ) -> None:
@@ -184,6 +200,41 @@ class HostSyncBackend:
             overwrite=overwrite,
             hint="host:// runs live on the driver's machine: materialize there",
         )
+
+
+class SinkReader(RunReader):
+    """Reads a run on the driver's machine from a worker, chunk by chunk through the sink
+    (at most ``window`` chunks of ``chunk_size`` bytes in flight)."""
+
+    def __init__(self, uri: str, sink: Any, dest: str, opts: Options) -> None:
+        super().__init__(uri)
+        self.sink, self.dest, self.opts = sink, dest, opts
+        self.job_id = ray.get_runtime_context().get_job_id()
+
+    def _get(self, ref: Any) -> Any:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, RaySyncError):
+                raise e.cause from None
+            raise
+
+    def manifest(self) -> Manifest | None:
+        data = self._get(self.sink.read_manifest.remote(self.dest, self.job_id))
+        return None if data is None else Manifest.from_bytes(data, uri=self.uri)
+
+    def read(self, entry: FileEntry) -> Iterator[bytes]:
+        size = self.opts.chunk_size
+        offsets = iter(range(0, entry.size, size))
+        in_flight: deque[Any] = deque()
+        for offset in offsets:
+            in_flight.append(
+                self.sink.read.remote(self.dest, self.job_id, entry.path, offset, size)
+            )
+            if len(in_flight) >= self.opts.window:
+                yield self._get(in_flight.popleft())
+        while in_flight:
+            yield self._get(in_flight.popleft())
 
 
 @raysync.hookimpl

@@ -121,15 +121,7 @@ class HostSink:
         worker sends only files that run does not already hold)."""
         self._sweep()
         uri = f"host://{dest}"
-        if job_id != self.job_id:
-            raise DestinationError(f"this sink serves job {self.job_id} only", uri=uri)
-        if not os.path.isabs(dest) or os.path.normpath(dest) != dest:
-            raise DestinationError("a run path must be a normal absolute path", uri=uri)
-        path = Path(dest)
-        root = next((r for r in self.roots if path.is_relative_to(r)), None)
-        if root is None:
-            raise DestinationError("this path is outside every root the driver prepared", uri=uri)
-        check_inside(root, path, uri)
+        path = self._allowed(dest, job_id)
         # An earlier attempt of the same call (its worker died) is dropped: a retry replaces.
         for sid, s in list(self.sessions.items()):
             if s.dest == path and rules.same_call(s.run, run):
@@ -142,6 +134,36 @@ class HostSink:
         self.sessions[sid] = _Session(path, staging, dict(run), conflict, decision)
         previous = decision.previous
         return sid, (previous.to_bytes() if previous is not None else None)
+
+    def _allowed(self, dest: str, job_id: str) -> Path:
+        """``dest`` as a run path this sink serves: its own job's, strictly inside a root
+        the driver allowed."""
+        uri = f"host://{dest}"
+        if job_id != self.job_id:
+            raise DestinationError(f"this sink serves job {self.job_id} only", uri=uri)
+        if not os.path.isabs(dest) or os.path.normpath(dest) != dest:
+            raise DestinationError("a run path must be a normal absolute path", uri=uri)
+        path = Path(dest)
+        root = next((r for r in self.roots if path.is_relative_to(r)), None)
+        if root is None:
+            raise DestinationError("this path is outside every root the driver prepared", uri=uri)
+        check_inside(root, path, uri)
+        return path
+
+    async def read_manifest(self, dest: str, job_id: str) -> bytes | None:
+        """The manifest of the run at ``dest`` (``resume=True`` reads it from a worker)."""
+        path = self._allowed(dest, job_id)
+        try:
+            return await asyncio.to_thread(_read_nofollow, path / MANIFEST_NAME, 0, None)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    async def read(self, dest: str, job_id: str, rel: str, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of a file of the run at ``dest`` (one of the sink's
+        slots while read: the memory bound holds for readers too)."""
+        path = safe_join(self._allowed(dest, job_id), check_relpath(rel))
+        async with self.slots:
+            return await asyncio.to_thread(_read_nofollow, path, offset, size)
 
     async def link(self, sid: str, paths: list[str], algorithm: str) -> list[str]:
         """Hard-link ``paths`` from the run being replaced into the staging directory, each
@@ -240,6 +262,16 @@ class HostSink:
         for sid, s in list(self.sessions.items()):
             if now - s.last > self.idle_timeout:
                 self._drop(sid)
+
+
+def _read_nofollow(path: Path, offset: int, size: int | None) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        if size is None:
+            size = os.fstat(fd).st_size
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
 
 
 def _rss_peak() -> int:

@@ -219,6 +219,14 @@ class RsyncBackend(RemoteRuns):
             return DirReader(target.uri, Path(remote.path))
         return _PulledReader(target.uri, Rsync(Options.parse(target.options), remote), remote)
 
+    def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
+        """In the worker: a mount once the driver's visibility token proves it; a daemon or
+        ssh remote is pulled to a temporary directory (the worker reaches it as it exports)."""
+        remote = Remote.parse(target.uri)
+        if remote.mode == "mount":
+            check_visible(prepared, Path(remote.path), target.uri)
+        return self.open_run(target)
+
     def materialize(
         self, result: ExportResult[Any], dest: Path, *, overwrite: bool = False
     ) -> None:

@@ -191,6 +191,9 @@ class _PulledReader(RunReader):
         assert self._dir is not None
         return self._dir.read(entry)
 
+    def close(self) -> None:
+        self._tmp.cleanup()
+
 
 def transfer(
     request: ExportRequest,

@@ -1,0 +1,147 @@
+"""One call of a decorated function on the worker: who it is (rendered from the call and
+Ray's runtime context before the user's code runs) and what it holds while it runs."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import ray
+
+from raysync import driver, leases, rayshim, resuming, workspace
+from raysync.config import Config
+from raysync.copy import KnownDigests
+from raysync.errors import DestinationNotVisibleError
+from raysync.identity import call_id, ordinal_in_task
+from raysync.target import Target, redact, render
+
+
+@dataclass
+class Call:
+    cfg: Config
+    target: Target
+    task_id: str
+    run: dict[str, Any]
+    prepared: Mapping[str, str]
+    ws: workspace.Workspace | None = None
+    started: float = 0.0
+    #: Digests of files an earlier export of this call hashed (checkpoints).
+    known: KnownDigests = field(default_factory=KnownDigests)
+    #: Checkpoints and the final export take turns.
+    export_lock: threading.Lock = field(default_factory=threading.Lock)
+    checkpoints: int = 0
+    #: The URI's lease (:mod:`raysync.leases`), held from the first checkpoint (or the start,
+    #: with ``sync_every`` or ``resume``) until the final export ends.
+    lease: leases.Lease | None = None
+
+    def hold_lease(self) -> None:
+        if self.lease is None:
+            key = leases.key(self.cfg.function, self.target.uri)
+            lease = leases.Lease(key, self.run, redact(self.target.uri))
+            lease.acquire()
+            self.lease = lease
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def begin(
+    cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Call:
+    """Render the URI and look up the driver's facts; fails before the user's code runs."""
+    ctx = ray.get_runtime_context() if ray.is_initialized() else None
+    # A direct call (not a Ray task) has no task id; a unique one keeps two direct calls from
+    # being taken for two attempts of one task (which may replace each other's runs).
+    task_id = (ctx.get_task_id() if ctx else None) or f"direct-{uuid.uuid4().hex}"
+    node_id = (ctx.get_node_id() if ctx else None) or "local"
+    job_id = (ctx.get_job_id() if ctx else None) or "local"
+    # Ray task ids repeat across clusters: the session (one per cluster start) and the job
+    # make "an earlier attempt of this call" mean this call (DESIGN invariant 7).
+    session = rayshim.session_name(ctx) if ctx else "local"
+    attempt = rayshim.attempt_number()
+    ordinal = ordinal_in_task(task_id, attempt, cfg.function)
+    record = driver.lookup(cfg.key)
+    if cfg.backend.capabilities.needs_driver and record is None:
+        raise DestinationNotVisibleError(
+            "the driver did not prepare this destination, so this worker cannot prove it is "
+            "the one the driver meant",
+            uri=redact(cfg.target.uri),
+            hint="import raysync and decorate the function in the driver process (the "
+            "driver publishes each destination when ray.init() runs or at decoration)",
+        )
+    values: dict[str, Any] = {
+        "call_id": call_id(session, job_id, task_id, cfg.function, ordinal),
+        "task_id": task_id,
+        "job_id": job_id,
+        "node_id": node_id,
+        "attempt": attempt,
+    }
+    if cfg.fields:
+        sig = inspect.signature(fn)
+        bound = sig.bind_partial(*args, **kwargs)
+        bound.apply_defaults()
+        for name, value in bound.arguments.items():
+            if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                values.update(value)  # fields may name any keyword a **kwargs function takes
+            else:
+                values[name] = value
+    uri = render(cfg.target.uri, values, available=sorted(set(values) - {"self"}))
+    target = Target(
+        uri,
+        cfg.target.scheme,
+        cfg.target.options,
+        record.cwd if record else (os.getcwd() if driver.is_driver() else None),
+    )
+    run = {
+        "function": cfg.function,
+        "session": session,
+        "task_id": task_id,
+        "job_id": job_id,
+        "call": str(ordinal),
+        "attempt": attempt,
+        "node_id": node_id,
+        "hostname": socket.gethostname(),
+        "uri": redact(uri),
+        "backend": cfg.backend.name,
+    }
+    return Call(cfg, target, task_id, run, record.backend_data if record else {})
+
+
+def start(call: Call) -> None:
+    """Create the call's workspace. With ``sync_every`` or ``resume``, take the URI's lease
+    (a live call holding it is a conflict, now); with ``resume``, fill the trees from the run
+    an earlier call left (:func:`raysync.resuming.restore`)."""
+    cfg = call.cfg
+    call.ws = workspace.create(f"{call.task_id[:24]}-{call.run['attempt']}", cfg.trees)
+    call.started = time.perf_counter()
+    call.run["started_at"] = now()
+    if cfg.sync_every is not None:
+        call.run["sync_every"] = cfg.sync_every  # how stale a checkpoint of a live call gets
+    if not cfg.resume and cfg.sync_every is None:
+        return
+    try:
+        call.hold_lease()  # another live call of this cluster holding it: a conflict
+        if cfg.resume:
+            call.ws = resuming.restore(
+                cfg.backend, call.target, call.prepared, call.ws, call.run, cfg.conflict
+            )
+            if call.ws.resumed_from is not None:
+                call.checkpoints = call.ws.resumed_from.checkpoint
+    except BaseException:
+        call.release()
+        workspace.remove(call.ws)
+        raise
