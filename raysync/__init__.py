@@ -22,6 +22,7 @@ from raysync.registry import get_registry, register_backend
 from raysync.result import ExportResult, ExportStats, collect
 from raysync.resuming import ResumedFrom
 from raysync.target import Target
+from raysync.waiting import wait_run
 from raysync.workspace import Workspace, current_workspace
 
 try:
@@ -58,4 +59,5 @@ __all__ = [
     "isolated_export",
     "register_backend",
     "runtime_env",
+    "wait_run",
 ]

@@ -33,9 +33,32 @@ class Capabilities:
     #: The files travel back in the result: there is no destination to commit to more than
     #: once, so ``sync_every`` checkpoints are refused.
     by_value: bool = False
+    #: Many calls may export shards of one run (``isolated_export(shard=..., shards=N)``);
+    #: the run is committed once all have (:mod:`raysync.shards`).
+    shards: bool = False
 
     def names(self) -> list[str]:
         return [k for k, v in self.__dict__.items() if v]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This export is one shard of a run that many calls write (:mod:`raysync.shards`).
+
+    ``name`` is the rendered ``shard`` template, ``count`` how many shards the run has,
+    ``set_id`` what the shards of one run share (a hash of the Ray session, the job and the
+    function): shards of another job never complete this job's run."""
+
+    name: str
+    count: int
+    set_id: str
+
+    @property
+    def key(self) -> str:
+        """The shard's name as a short, file-name-safe key (a hash of the name)."""
+        import hashlib
+
+        return hashlib.sha256(self.name.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -57,6 +80,8 @@ class ExportRequest:
     task_id: str
     #: What the backend's ``prepare`` returned on the driver.
     prepared: Mapping[str, str] = field(default_factory=dict)
+    #: When the call is one shard of a run (``capabilities.shards``): which one.
+    shard: Shard | None = None
 
     @property
     def checksum(self) -> str:
@@ -87,6 +112,9 @@ class ExportOutcome:
     uri: str
     payload: Any = None
     extra_stats: dict[str, Any] = field(default_factory=dict)
+    #: False when this export was one shard and another shard committed the run (or it is
+    #: not complete yet).
+    committed: bool = True
 
 
 @dataclass(frozen=True)
@@ -107,6 +135,8 @@ class RunInfo:
     ended_at: str | None = None
     task_id: str | None = None
     reason: str | None = None
+    #: An incomplete sharded run: ``"k/N"`` shards exported.
+    shards: str | None = None
 
     @classmethod
     def from_manifest(cls, uri: str, manifest: Manifest) -> RunInfo:

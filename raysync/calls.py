@@ -16,7 +16,8 @@ from typing import Any
 
 import ray
 
-from raysync import driver, leases, rayshim, resuming, workspace
+from raysync import driver, leases, rayshim, resuming, shards, workspace
+from raysync.backend import Shard
 from raysync.config import Config
 from raysync.copy import KnownDigests
 from raysync.errors import DestinationNotVisibleError
@@ -41,6 +42,8 @@ class Call:
     #: The URI's lease (:mod:`raysync.leases`), held from the first checkpoint (or the start,
     #: with ``sync_every`` or ``resume``) until the final export ends.
     lease: leases.Lease | None = None
+    #: ``isolated_export(shard=...)``: which shard of the run this call exports.
+    shard: Shard | None = None
 
     def hold_lease(self) -> None:
         if self.lease is None:
@@ -118,7 +121,11 @@ def begin(
         "uri": redact(uri),
         "backend": cfg.backend.name,
     }
-    return Call(cfg, target, task_id, run, record.backend_data if record else {})
+    call = Call(cfg, target, task_id, run, record.backend_data if record else {})
+    if cfg.shard is not None and cfg.shards is not None:
+        call.shard = shards.render(cfg.shard, cfg.shards, values, run)
+        run.update(shard=call.shard.name, shards=call.shard.count)
+    return call
 
 
 def start(call: Call) -> None:

@@ -121,6 +121,8 @@ def _ls(args: argparse.Namespace) -> int:
         size = "-" if r.bytes is None else f"{r.bytes:,}"
         ended = printable(r.ended_at or "-")
         reason = f"  ({printable(r.reason)})" if r.reason else ""
+        if r.shards:
+            reason += f"  ({printable(r.shards)} shards)"
         print(f"{r.status:<11} {files:>7} {size:>14} {ended:<29} {printable(r.uri)}{reason}")
     return 0
 

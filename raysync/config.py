@@ -33,9 +33,17 @@ class Config:
     validate: Callable[[Any], Any] | None = None
     #: Start from the checkpoint an earlier call left (:mod:`raysync.resuming`).
     resume: bool = False
+    #: ``shard`` and ``shards`` templates (:mod:`raysync.shards`).
+    shard: str | None = None
+    shards: int | str | None = None
     key: str = ""
     function: str = ""
     fields: tuple[str, ...] = field(default_factory=tuple)
+
+    def shard_fields(self) -> list[str]:
+        from raysync import shards
+
+        return shards.fields(self.shard, self.shards)
 
     def check_output(self, ws: Any) -> None:
         """Run ``validate(ws)``; what it raises becomes a :class:`ValidationError` naming it."""
@@ -65,6 +73,8 @@ def make_config(
     sync_every: float | None = None,
     validate: Callable[[Any], Any] | None = None,
     resume: bool = False,
+    shard: str | None = None,
+    shards: int | str | None = None,
 ) -> Config:
     if output_uri is not None and (not isinstance(output_uri, str) or not output_uri.strip()):
         raise ConfigError(
@@ -127,6 +137,7 @@ def make_config(
 
         resuming.check(be)
     target = Target.parse(output_uri or "", storage_options)
+    _check_shards(be, target, shard, shards, sync_every, resume, conflict)
     template_fields(target.uri)  # malformed templates fail here
     check_template(target.uri)  # so do templates that can never name a run
     be.check(target)
@@ -143,6 +154,8 @@ def make_config(
         sync_every=float(sync_every) if sync_every is not None else None,
         validate=_callable(validate),
         resume=resume,
+        shard=shard,
+        shards=shards,
     )
 
 
@@ -153,3 +166,39 @@ def _callable(validate: Any) -> Callable[[Any], Any] | None:
             hint="e.g. validate=lambda ws: (ws.export_dir / 'model.pt').stat()",
         )
     return cast(Callable[[Any], Any] | None, validate)
+
+
+def _check_shards(
+    be: ExportBackend,
+    target: Target,
+    shard: str | None,
+    shards: int | str | None,
+    sync_every: float | None,
+    resume: bool,
+    conflict: str,
+) -> None:
+    from raysync import shards as shards_mod
+
+    shards_mod.check_config(shard, shards)
+    if shard is None:
+        return
+    if not be.capabilities.shards:
+        raise ConfigError(
+            f"the {be.name!r} backend cannot commit one run from many calls (shards)",
+            hint="export shards to a path, s3://..., host:// or rsync:// to a mount",
+        )
+    check = getattr(be, "check_shards", None)
+    if check is not None:
+        check(target)
+    for name, used in (("sync_every", sync_every is not None), ("resume", resume)):
+        if used:
+            raise ConfigError(
+                f"{name} does not work with shards yet: a shard is committed once, when its "
+                "call ends",
+                hint=f"drop {name}, or give each call its own run",
+            )
+    if conflict != "error":
+        raise ConfigError(
+            "conflict='overwrite' does not work with shards: a sharded run is never replaced",
+            hint="write each sharded run to a new output_uri",
+        )

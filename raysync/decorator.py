@@ -65,6 +65,8 @@ def isolated_export(
     sync_every: float | None = None,
     validate: Callable[[Any], Any] | None = None,
     resume: bool = False,
+    shard: str | None = None,
+    shards: int | str | None = None,
 ) -> IsolatedExport:
     """Run every call of a Ray task or actor method in a private workspace, then export it.
 
@@ -99,6 +101,10 @@ def isolated_export(
         task, or an earlier call that is no longer running, left at the rendered URI: its
         files are copied into the trees (verified) and
         ``raysync.current_workspace().resumed_from`` says which. See docs/usage.md.
+    :param shard: with ``shards``: this call exports one shard of the run at ``output_uri``,
+        named by this template (``"{rank}"``); the run is committed, all or nothing, when
+        all ``shards`` shards have exported. See docs/usage.md, "Many calls, one output".
+    :param shards: how many shards the run has: a number or one field (``"{world_size}"``).
 
     Works on plain functions and methods (put ``@ray.remote`` above it), and on top of an
     existing ``ray.remote`` function or actor class. Every decorated call returns an
@@ -118,6 +124,8 @@ def isolated_export(
         sync_every,
         validate,
         resume,
+        shard,
+        shards,
     )
 
     def decorate(obj: Any) -> Any:
@@ -170,7 +178,7 @@ def _wrap_function(fn: Callable[..., Any], cfg: Config) -> Callable[..., Any]:
     sig = inspect.signature(fn)
     params = set(sig.parameters)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-    fields = tuple(template_fields(cfg.target.uri))
+    fields = tuple(dict.fromkeys([*template_fields(cfg.target.uri), *cfg.shard_fields()]))
     available = sorted(params | set(BUILTIN_FIELDS))
     if not takes_any:
         for f in fields:
@@ -220,6 +228,7 @@ def _export(call: Call, run: dict[str, Any]) -> tuple[list[FileEntry], Manifest,
         prepared=call.prepared,
         checksum=call.cfg.checksum,
         known=call.known,
+        shard=call.shard,
     )
 
 
@@ -309,6 +318,8 @@ def _finish(call: Call, value: Any, error: BaseException | None) -> ExportResult
         stats=stats,
         payload=outcome.payload,
         _backend_obj=be,
+        shard=call.shard.name if call.shard else None,
+        committed_run=outcome.committed,
     )
 
 

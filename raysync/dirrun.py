@@ -46,6 +46,7 @@ from raysync.rules import Decision, decide, may_replace, same_commit
 TOKEN_NAME = ".raysync-visible"  # noqa: S105 - a file name, not a secret
 STAGING_MARK = ".raysync-staging-"
 OLD_MARK = ".raysync-old-"
+SHARDS_MARK = ".raysync-shards-"  # a shard area (raysync.dirshards)
 
 
 def read_committed(run_dir: Path, *, uri: str) -> Manifest | None:
@@ -82,7 +83,16 @@ def list_dir_runs(root: Path, to_uri: Callable[[Path], str], *, depth: int = 8) 
             dirnames.clear()
             continue
         for d in list(dirnames):
-            if d.startswith(".") and STAGING_MARK in d:
+            if d.startswith(".") and SHARDS_MARK in d:
+                from raysync.dirshards import incomplete
+
+                name, shards = incomplete(here / d) or (d, None)
+                if not (here / name / MANIFEST_NAME).exists():
+                    runs.append(
+                        RunInfo(uri=to_uri(here / name), status="incomplete", shards=shards)
+                    )
+                dirnames.remove(d)
+            elif d.startswith(".") and STAGING_MARK in d:
                 name = d[1:].split(STAGING_MARK, 1)[0]
                 if not (here / name / MANIFEST_NAME).exists():
                     runs.append(RunInfo(uri=to_uri(here / name), status="incomplete"))

@@ -186,3 +186,21 @@ class IntegrityError(RaySyncError):
 
 class MaterializeError(RaySyncError):
     """The files of a result cannot be brought to the requested destination."""
+
+
+class ShardClashError(RunExistsError):
+    """Two shards of one run wrote the same path: nothing is committed. ``shards`` names
+    both, ``path`` one of the paths they share."""
+
+    def __init__(self, message: str, *, uri: str, shards: tuple[str, str], path: str) -> None:
+        super().__init__(
+            message,
+            uri=uri,
+            hint="give each shard its own paths, e.g. export/shard-{rank}/...",
+        )
+        self.shards = shards
+        self.path = path
+
+
+class RunTimeoutError(RaySyncError):
+    """:func:`raysync.wait_run` timed out before the run was committed."""

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from raysync import checksum as checksum_mod
 from raysync import rayshim
-from raysync.backend import Conflict, ExportOutcome, ExportRequest
+from raysync.backend import Conflict, ExportOutcome, ExportRequest, Shard
 from raysync.copy import KnownDigests, reporting
 from raysync.hookspecs import ExportBackend
 from raysync.manifest import FileEntry, Manifest, scan
@@ -42,6 +42,7 @@ def export_once(
     files: list[FileEntry] | None = None,
     checksum: str = checksum_mod.DEFAULT,
     known: KnownDigests | None = None,
+    shard: Shard | None = None,
 ) -> tuple[list[FileEntry], Manifest, ExportOutcome]:
     """Export the trees of ``workspace`` once to the rendered ``target``.
 
@@ -51,6 +52,7 @@ def export_once(
     :param known: digests an earlier export of this call computed: reused for files whose
         fingerprint has not changed (so an incremental export need not read them), and
         updated from this export.
+    :param shard: the call is this shard of the run (``capabilities.shards``).
     """
     began_ns = time.time_ns()
     if files is None:
@@ -66,6 +68,7 @@ def export_once(
         conflict=cast(Conflict, conflict),
         task_id=str(run.get("task_id", "")),
         prepared=dict(prepared or {}),
+        shard=shard,
     )
     with _progress_bar(manifest.total_bytes, target) as sink, reporting(sink):
         outcome = backend.export(request)

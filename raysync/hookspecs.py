@@ -67,6 +67,8 @@ KIT_MODULES = (
     "raysync.result",
     "raysync.retry",
     "raysync.rules",
+    "raysync.shards",
+    "raysync.dirshards",
     "raysync.target",
     "raysync.testing",
 )

@@ -45,6 +45,8 @@ class FileEntry:
     #: (size, mtime_ns, ctime_ns, inode, device) of ``source`` when scanned (not serialised):
     #: an unchanged fingerprint lets a later export of the same call skip re-hashing it.
     fingerprint: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+    #: In a run many calls wrote (``isolated_export(shard=...)``): the shard that wrote it.
+    shard: str | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -57,6 +59,8 @@ class FileEntry:
             out["pack"] = self.pack
         if self.etag is not None:
             out["etag"] = self.etag
+        if self.shard is not None:
+            out["shard"] = self.shard
         return out
 
 
@@ -161,6 +165,9 @@ def _entry(f: Any, i: int, key: str, uri: str) -> FileEntry:
     etag = f.get("etag")
     if etag is not None and not isinstance(etag, str):
         raise _damaged(uri, f"files[{i}].etag of {path!r} is not a string")
+    shard = f.get("shard")
+    if shard is not None and not isinstance(shard, str):
+        raise _damaged(uri, f"files[{i}].shard of {path!r} is not a string")
     return FileEntry(
         path=check_relpath(path),
         size=size,
@@ -168,6 +175,7 @@ def _entry(f: Any, i: int, key: str, uri: str) -> FileEntry:
         digest=digest,
         pack=dict(pack) if pack is not None else None,
         etag=etag,
+        shard=shard,
     )
 
 

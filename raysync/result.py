@@ -51,6 +51,10 @@ class ExportResult(Generic[T]):
     stats: ExportStats
     payload: Any = field(default=None, repr=False)
     _backend_obj: Any = field(default=None, repr=False, compare=False)
+    #: ``isolated_export(shard=...)``: the shard this call exported, and whether this call
+    #: committed the run (the last shard to finish does; :func:`raysync.wait_run` waits).
+    shard: str | None = None
+    committed_run: bool = True
 
     def materialize(
         self,

@@ -103,7 +103,12 @@ def continues(existing: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
 
 def same_commit(committed: Mapping[str, Any], described: Mapping[str, Any]) -> bool:
     """True when the run committed at a URI is still the one an
-    :class:`~raysync.ExportResult` describes (not replaced since, even by a retry)."""
+    :class:`~raysync.ExportResult` describes (not replaced since, even by a retry). For a
+    run many calls wrote as shards: the run whose shard ``described["shard"]`` that call
+    wrote."""
+    calls, name = committed.get("shard_calls"), described.get("shard")
+    if isinstance(calls, Mapping) and isinstance(name, str):
+        return calls.get(name) == claim_record(described)
     return (
         identity(committed) is not None
         and identity(committed) == identity(described)

@@ -400,3 +400,39 @@ def test_a_call_whose_node_dies_after_a_checkpoint_resumes_on_the_head(
     assert (out / "export" / "first-half.txt").read_text() == node2.node_id
     assert (out / "export" / "second-half.txt").read_text() == node2.driver_node_id
     assert result.manifest.run["attempt"] == 1
+
+
+@pytest.mark.parametrize("where", ["host", "s3"])
+def test_shards_on_both_nodes_commit_one_run(
+    where: str, node2: Node2, host: Path, moto_endpoint: str, bucket: str
+) -> None:
+    """Issue 18: four shards on node 2 and four on the head, one run, committed once."""
+    import raysync
+
+    if where == "host":
+        uri, options = "host://sharded/{step}", None
+    else:
+        uri, options = f"s3://{bucket}/sharded/{{step}}", s3_options(moto_endpoint)
+
+    @ray.remote(max_retries=0)
+    @isolated_export(uri, storage_options=options, shard="{rank}", shards=8)
+    def save(step: str, rank: int) -> str:
+        node = ray.get_runtime_context().get_node_id()
+        Path(f"export/rank-{rank}.txt").write_text(node)
+        return node
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node2.driver_node_id, False)}
+    refs = [
+        save.options(**(node2.options if rank % 2 else head)).remote("s", rank) for rank in range(8)
+    ]
+    results = ray.get(refs, timeout=180)
+    assert {r.value for r in results} == {node2.node_id, node2.driver_node_id}
+    assert sum(r.committed_run for r in results) == 1
+    manifest = raysync.wait_run(results[0].uri, 60, storage_options=options)
+    assert len({f.shard for f in manifest.files}) == 8
+    out = results[0].materialize(host / "back" / where)
+    for rank in range(8):
+        node = node2.node_id if rank % 2 else node2.driver_node_id
+        assert (out / "export" / f"rank-{rank}.txt").read_text() == node

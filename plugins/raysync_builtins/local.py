@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import raysync
+from raysync import dirshards
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
 from raysync.copy import copy_files, plan_reuse
 from raysync.dirrun import (
@@ -43,7 +44,7 @@ class LocalCopyBackend:
     name = "local"
     schemes = ("file",)
     default = False
-    capabilities = Capabilities(atomic_rename=True, read_back=True, needs_driver=True)
+    capabilities = Capabilities(atomic_rename=True, read_back=True, needs_driver=True, shards=True)
 
     def check(self, target: Target) -> None:
         if target.options:
@@ -65,6 +66,8 @@ class LocalCopyBackend:
         uri = f"file://{dest}"
         run = request.manifest.run
         check_visible(request.prepared, dest, uri)
+        if request.shard is not None:
+            return self._export_shard(request, dest, uri)
         decision = check_conflict(dest, run=run, conflict=request.conflict, uri=uri)
         # Incremental: files the run being replaced already holds are linked (and re-hashed),
         # not copied.
@@ -110,6 +113,29 @@ class LocalCopyBackend:
             uri=uri,
             extra_stats={"reused_files": len(reused), "reused_bytes": sum(e.size for e in reused)},
         )
+
+    def _export_shard(self, request: ExportRequest, dest: Path, uri: str) -> ExportOutcome:
+        """One shard of a run many calls write (:mod:`raysync.dirshards`)."""
+        assert request.shard is not None
+        dirshards.check_dest(dest, request.manifest.run, uri)
+        try:
+            staged = dirshards.stage_dir(dest, request.shard)
+        except OSError as e:
+            raise destination_error(e, dest.parent, request, uri) from e
+        try:
+            jobs: list[tuple[FileEntry, str | Path]] = []
+            for entry in request.files:
+                out = safe_join(staged, check_relpath(entry.path))
+                makedirs(out.parent)
+                jobs.append((entry, out))
+            copy_files(jobs, request.checksum, dest_fs=staged)
+        except BaseException as e:
+            remove_tree(staged)
+            if isinstance(e, OSError):
+                raise destination_error(e, dest.parent, request, uri) from e
+            raise
+        committed = dirshards.commit_shard(staged, dest, request.manifest, request.shard, uri)
+        return ExportOutcome(uri=uri, committed=committed)
 
     def list_runs(self, target: Target) -> list[RunInfo]:
         return list_dir_runs(Path(target.local_path()), lambda p: f"file://{p}")

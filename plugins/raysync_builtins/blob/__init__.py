@@ -41,19 +41,20 @@ from raysync_builtins.blob.lock import RunLock, _Claim
 from raysync_builtins.blob.packing import read_packed, tar_packs
 from raysync_builtins.blob.reading import BlobReader, read_manifest
 from raysync_builtins.blob.select import choose, obstore_engine
+from raysync_builtins.blob.shards import ShardExports, incomplete_runs
 from raysync_builtins.blob.store import Engine, Options, check_literal, etag_of, with_retries
 from raysync_builtins.blob.upload import Uploads
 
 __all__ = ["LOCK_NAME", "BlobBackend", "read_packed", "tar_packs"]
 
 
-class BlobBackend(RunLock, Uploads):
+class BlobBackend(RunLock, Uploads, ShardExports):
     """Exports to any fsspec filesystem."""
 
     name = "fsspec"
     schemes = ("memory",)
     default = False
-    capabilities = Capabilities(conditional_put=True, multipart=True, read_back=True)
+    capabilities = Capabilities(conditional_put=True, multipart=True, read_back=True, shards=True)
     accepts_description = "any other fsspec protocol (s3://, gs://, az://, ...)"
 
     def accepts_scheme(self, scheme: str) -> bool:
@@ -145,6 +146,14 @@ class BlobBackend(RunLock, Uploads):
                 ) from None
             check_literal(engine, f"{run}/{e.path}", e.path)
         conditional = request.target.scheme in CONDITIONAL
+        if request.shard is not None:
+            whole = self._export_shard(engine, run, request, opts, shown, conditional=conditional)
+            return ExportOutcome(
+                uri=uri,
+                payload=Location(uri, dict(request.target.options)),
+                extra_stats={"engine": engine.name},
+                committed=whole,
+            )
         claim = self._claim(engine, run, request, opts, conditional=conditional, shown=shown)
         manifest_path = f"{run}/{MANIFEST_NAME}"
         previous = claim.decision.previous
@@ -261,6 +270,8 @@ class BlobBackend(RunLock, Uploads):
             run = key.rsplit("/", 1)[0]
             if run not in done:
                 runs.append(RunInfo(uri=f"{scheme}://{run}", status="incomplete"))
+        for run, shards in incomplete_runs(keys, done, engine, opts).items():
+            runs.append(RunInfo(uri=f"{scheme}://{run}", status="incomplete", shards=shards))
         return sorted(runs, key=lambda r: r.uri)
 
     def open_run(self, target: Target) -> RunReader:

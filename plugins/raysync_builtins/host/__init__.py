@@ -68,7 +68,7 @@ class HostSyncBackend:
     name = "host"
     schemes = ("host",)
     default = False
-    capabilities = Capabilities(atomic_rename=True, read_back=True, needs_driver=True)
+    capabilities = Capabilities(atomic_rename=True, read_back=True, needs_driver=True, shards=True)
 
     def check(self, target: Target) -> None:
         Options.parse(target.options)
@@ -115,7 +115,7 @@ class HostSyncBackend:
             job_id = ray.get_runtime_context().get_job_id()
             run = dict(request.manifest.run)
             sid, committed_bytes = ray.get(
-                sink.open.remote(str(dest), run, request.conflict, job_id)
+                sink.open.remote(str(dest), run, request.conflict, job_id, request.shard)
             )
             # Incremental: the sink links what the replaced run already holds.
             send = request.files
@@ -136,7 +136,11 @@ class HostSyncBackend:
                 if len(in_flight) >= opts.window:
                     ray.get(in_flight.popleft())
             ray.get(list(in_flight))
-            committed = ray.get(sink.commit.remote(sid, request.manifest.to_bytes()))
+            data = request.manifest.to_bytes()
+            if request.shard is not None:
+                committed, whole = ray.get(sink.commit_shard.remote(sid, data))
+            else:
+                committed, whole = ray.get(sink.commit.remote(sid, data)), True
         except ray.exceptions.RayTaskError as e:
             if sid is not None:
                 sink.abort.remote(sid)
@@ -153,6 +157,7 @@ class HostSyncBackend:
             uri=f"host://{committed}",
             payload=Location(committed),
             extra_stats={"reused_files": len(reused), "reused_bytes": sum(e.size for e in reused)},
+            committed=whole,
         )
 
     def _gone(self, request: ExportRequest, uri: str) -> ExportError:

@@ -16,7 +16,8 @@ from typing import Any
 
 import ray
 
-from raysync import checksum, rules
+from raysync import checksum, dirshards, rules
+from raysync.backend import Shard
 from raysync.dirrun import (
     check_conflict,
     check_inside,
@@ -80,6 +81,8 @@ class _Session:
     #: those are not sent.
     linked: set[str] = field(default_factory=set)
     last: float = field(default_factory=time.monotonic)
+    #: One shard of a run many calls write (:mod:`raysync.dirshards`).
+    shard: Shard | None = None
 
 
 class HostSink:
@@ -115,7 +118,12 @@ class HostSink:
         self.roots.add(path)
 
     async def open(
-        self, dest: str, run: dict[str, Any], conflict: str, job_id: str
+        self,
+        dest: str,
+        run: dict[str, Any],
+        conflict: str,
+        job_id: str,
+        shard: Shard | None = None,
     ) -> tuple[str, bytes | None]:
         """Start a transfer: (session id, the manifest of the run it replaces, if any — the
         worker sends only files that run does not already hold)."""
@@ -126,11 +134,18 @@ class HostSink:
         for sid, s in list(self.sessions.items()):
             if s.dest == path and rules.same_call(s.run, run):
                 self._drop(sid)
+        sid = uuid.uuid4().hex
+        if shard is not None:
+            dirshards.check_dest(path, run, uri)
+            staged = dirshards.stage_dir(path, shard)
+            self.sessions[sid] = _Session(
+                path, staged, dict(run), conflict, rules.Decision(False), shard=shard
+            )
+            return sid, None
         decision = check_conflict(path, run=run, conflict=conflict, uri=uri)
         staging = staging_dir(path)
         makedirs(staging.parent)
         staging.mkdir()
-        sid = uuid.uuid4().hex
         self.sessions[sid] = _Session(path, staging, dict(run), conflict, decision)
         previous = decision.previous
         return sid, (previous.to_bytes() if previous is not None else None)
@@ -227,6 +242,26 @@ class HostSink:
             raise
         del self.sessions[sid]
         return str(session.dest)
+
+    async def commit_shard(self, sid: str, manifest_bytes: bytes) -> tuple[str, bool]:
+        """Make the session's staged files its shard; commit the run when the set is
+        complete. (the run's path, whether this shard committed it)."""
+        session = self._session(sid)
+        uri = f"host://{session.dest}"
+        manifest = Manifest.from_bytes(manifest_bytes, uri=uri)
+        assert session.shard is not None
+        try:
+            await asyncio.to_thread(
+                _check_staged, session.staging, manifest, session.dest, session.linked
+            )
+            committed = await asyncio.to_thread(
+                dirshards.commit_shard, session.staging, session.dest, manifest, session.shard, uri
+            )
+        except BaseException:
+            self._drop(sid)
+            raise
+        del self.sessions[sid]
+        return str(session.dest), committed
 
     async def abort(self, sid: str) -> None:
         self._drop(sid)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import raysync
-from raysync import redaction
+from raysync import dirshards, redaction
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
 from raysync.copy import plan_reuse
 from raysync.dirrun import (
@@ -92,7 +92,7 @@ class RsyncBackend(RemoteRuns):
     name = "rsync"
     schemes = ("rsync", "rsync+ssh")
     default = False
-    capabilities = Capabilities(atomic_rename=True, read_back=True, needs_driver=True)
+    capabilities = Capabilities(atomic_rename=True, read_back=True, needs_driver=True, shards=True)
 
     def check(self, target: Target) -> None:
         Options.parse(target.options)
@@ -112,7 +112,10 @@ class RsyncBackend(RemoteRuns):
         try:
             rsync = Rsync(opts, remote)
             reused: list[FileEntry] = []
-            if remote.mode == "mount":
+            committed = True
+            if request.shard is not None:
+                committed = self._export_shard(request, rsync, remote, uri)
+            elif remote.mode == "mount":
                 reused = self._export_mount(request, rsync, remote, uri)
             else:
                 self._export_remote(request, rsync, remote, uri)
@@ -122,8 +125,38 @@ class RsyncBackend(RemoteRuns):
         stats["reused_files"] = len(reused)
         stats["reused_bytes"] = sum(e.size for e in reused)
         return ExportOutcome(
-            uri=uri, payload=Location(uri, dict(request.target.options)), extra_stats=stats
+            uri=uri,
+            payload=Location(uri, dict(request.target.options)),
+            extra_stats=stats,
+            committed=committed,
         )
+
+    def check_shards(self, target: Target) -> None:
+        """Shards are committed by a rename: only a mounted destination has one."""
+        remote = Remote.parse(target.uri.replace("{", "x").replace("}", "x"))
+        if remote.mode != "mount":
+            raise ConfigError(
+                "shards need a rename to commit the run, which an rsync daemon or ssh "
+                "destination does not offer",
+                hint="mount the destination (rsync:///path) or export shards to s3:// or host://",
+            )
+
+    def _export_shard(self, request: ExportRequest, rsync: Rsync, remote: Remote, uri: str) -> bool:
+        """One shard of a run many calls write, staged with rsync (:mod:`raysync.dirshards`)."""
+        assert request.shard is not None
+        dest = Path(remote.path)
+        check_visible(request.prepared, dest, uri)
+        dirshards.check_dest(dest, request.manifest.run, uri)
+        staged = dirshards.stage_dir(dest, request.shard)
+        try:
+            transfer(request, rsync, str(staged) + "/", files=request.files, hash_sources=False)
+            _remove_partial_dirs(staged)
+            _hash_staged(staged, request.files, request.checksum)
+            unchanged_since_scan(request.files)
+        except BaseException:
+            remove_tree(staged)
+            raise
+        return dirshards.commit_shard(staged, dest, request.manifest, request.shard, uri)
 
     def _error(self, e: RsyncFailed, request: ExportRequest, uri: str) -> RaySyncError:
         said = e.stderr.strip()
