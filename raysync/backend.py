@@ -137,6 +137,8 @@ class RunInfo:
     reason: str | None = None
     #: An incomplete sharded run: ``"k/N"`` shards exported.
     shards: str | None = None
+    #: The function that wrote the run (``keep_last`` prunes only its own function's runs).
+    function: str | None = None
 
     @classmethod
     def from_manifest(cls, uri: str, manifest: Manifest) -> RunInfo:
@@ -147,7 +149,23 @@ class RunInfo:
             bytes=manifest.total_bytes,
             ended_at=_text(manifest.run.get("ended_at")),
             task_id=_text(manifest.run.get("task_id")),
+            function=_text(manifest.run.get("function")),
         )
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """What a dead export left behind (``raysync gc``): a staging directory, a lock and the
+    objects it guarded, a shard area, an incomplete multipart upload.
+
+    ``uri`` says where, ``kind`` what, ``bytes`` what removing it frees, ``age`` seconds since
+    it last changed, and ``ref`` is the backend's own handle for :meth:`delete_leftover`."""
+
+    uri: str
+    kind: str
+    bytes: int
+    age: float
+    ref: str = field(default="", repr=False)
 
 
 def _text(value: Any) -> str | None:

@@ -20,8 +20,9 @@ from raysync import driver, leases, rayshim, resuming, shards, workspace
 from raysync.backend import Shard
 from raysync.config import Config
 from raysync.copy import KnownDigests
-from raysync.errors import DestinationNotVisibleError
+from raysync.errors import DestinationNotVisibleError, ExportError, LeaseHeldError, RaySyncError
 from raysync.identity import call_id, ordinal_in_task
+from raysync.redaction import redact_error
 from raysync.target import Target, redact, render
 
 
@@ -46,10 +47,18 @@ class Call:
     shard: Shard | None = None
 
     def hold_lease(self) -> None:
+        """Take the run's lease (:mod:`raysync.leases`) unless held already. Another live
+        call holding it is :class:`LeaseHeldError`; with ``conflict="overwrite"`` (where two
+        calls may write one run) this call goes on without it."""
         if self.lease is None:
-            key = leases.key(self.cfg.function, self.target.uri)
-            lease = leases.Lease(key, self.run, redact(self.target.uri))
-            lease.acquire()
+            where = leases.location(self.cfg.backend, self.target)
+            lease = leases.Lease(leases.key(self.cfg.function, where), self.run, redact(where))
+            try:
+                lease.acquire()
+            except LeaseHeldError:
+                if self.cfg.conflict == "overwrite" and not self.cfg.resume:
+                    return
+                raise
             self.lease = lease
 
     def release(self) -> None:
@@ -129,26 +138,36 @@ def begin(
 
 
 def start(call: Call) -> None:
-    """Create the call's workspace. With ``sync_every`` or ``resume``, take the URI's lease
-    (a live call holding it is a conflict, now); with ``resume``, fill the trees from the run
-    an earlier call left (:func:`raysync.resuming.restore`)."""
+    """Create the call's workspace. With ``resume``, take the run's lease (a live call
+    holding it is a conflict, now) and fill the trees from the run an earlier call left
+    (:func:`raysync.resuming.restore`)."""
     cfg = call.cfg
     call.ws = workspace.create(f"{call.task_id[:24]}-{call.run['attempt']}", cfg.trees)
     call.started = time.perf_counter()
     call.run["started_at"] = now()
     if cfg.sync_every is not None:
         call.run["sync_every"] = cfg.sync_every  # how stale a checkpoint of a live call gets
-    if not cfg.resume and cfg.sync_every is None:
+    if not cfg.resume:
         return
     try:
         call.hold_lease()  # another live call of this cluster holding it: a conflict
-        if cfg.resume:
-            call.ws = resuming.restore(
-                cfg.backend, call.target, call.prepared, call.ws, call.run, cfg.conflict
-            )
-            if call.ws.resumed_from is not None:
-                call.checkpoints = call.ws.resumed_from.checkpoint
-    except BaseException:
+        call.ws = resuming.restore(
+            cfg.backend, call.target, call.prepared, call.ws, call.run, cfg.conflict
+        )
+        if call.ws.resumed_from is not None:
+            call.checkpoints = call.ws.resumed_from.checkpoint
+    except BaseException as e:
         call.release()
         workspace.remove(call.ws)
+        # Redacted, without its chain: a store client's error may quote a credential.
+        if isinstance(e, RaySyncError):
+            raise redact_error(e) from None
+        if isinstance(e, Exception):
+            raise ExportError(
+                f"resuming from the run at {redact(call.target.uri)} failed: "
+                + redact(f"{type(e).__name__}: {e}"),
+                backend=cfg.backend.name,
+                uri=redact(call.target.uri),
+                workspace=None,
+            ) from None
         raise

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from raysync import redaction
-from raysync.errors import ConfigError, DestinationNotVisibleError, RunExistsError
+from raysync.errors import (
+    ConfigError,
+    DestinationNotVisibleError,
+    LeaseHeldError,
+    RunExistsError,
+)
 
 log = redaction.logger("raysync")
 
@@ -81,6 +86,12 @@ class Checkpoints:
                     return
                 try:
                     self.checkpoint()
+                except LeaseHeldError as e:  # the other call may end: try again later
+                    log.warning(
+                        "raysync: a checkpoint of %s waits for the run's lease: %s",
+                        self.shown,
+                        e,
+                    )
                 except (RunExistsError, DestinationNotVisibleError, ConfigError) as e:
                     log.error("raysync: checkpoints of %s stopped: %s", self.shown, e)
                     return

@@ -352,6 +352,19 @@ def _run_sync(
     cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> ExportResult[Any]:
     call = begin(cfg, fn, args, kwargs)
+    try:
+        return _run_sync_call(call, cfg, fn, args, kwargs)
+    finally:
+        call.release()  # the run's lease, whatever happened (normally released already)
+
+
+def _run_sync_call(
+    call: Call,
+    cfg: Config,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> ExportResult[Any]:
     lock = _CHDIR_LOCK if cfg.chdir else None
     if lock is not None:
         lock.acquire()
@@ -392,6 +405,19 @@ async def _run_async(
     cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> ExportResult[Any]:
     call = begin(cfg, fn, args, kwargs)
+    try:
+        return await _run_async_call(call, cfg, fn, args, kwargs)
+    finally:
+        await asyncio.to_thread(call.release)
+
+
+async def _run_async_call(
+    call: Call,
+    cfg: Config,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> ExportResult[Any]:
     error: BaseException | None = None
     value: Any = None
     syncer: Checkpoints | None = None
@@ -401,7 +427,7 @@ async def _run_async(
     )
     try:
         async with turn:
-            start(call)
+            await asyncio.to_thread(start, call)  # a resume reads a run: not on the loop
             assert call.ws is not None
             with workspace.activated(call.ws, cfg.env, chdir=cfg.chdir):
                 syncer = _syncer(call)

@@ -204,3 +204,8 @@ class ShardClashError(RunExistsError):
 
 class RunTimeoutError(RaySyncError):
     """:func:`raysync.wait_run` timed out before the run was committed."""
+
+
+class LeaseHeldError(RunExistsError):
+    """Another live call holds the run's lease (``resume=True``, checkpoints): it is writing
+    this run right now."""

@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import pluggy
 
 if TYPE_CHECKING:
-    from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
+    from raysync.backend import (
+        Capabilities,
+        ExportOutcome,
+        ExportRequest,
+        Leftover,
+        RunInfo,
+        RunReader,
+    )
     from raysync.result import ExportResult
     from raysync.target import Target
 
@@ -69,6 +76,7 @@ KIT_MODULES = (
     "raysync.rules",
     "raysync.shards",
     "raysync.dirshards",
+    "raysync.dirgc",
     "raysync.target",
     "raysync.testing",
 )
@@ -205,3 +213,29 @@ class ResumesRuns(Protocol):
     def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
         """A :class:`raysync.backend.RunReader` over the run at ``target.uri``, from this
         worker: ``manifest()`` is ``None`` when no run is there."""
+
+
+@runtime_checkable
+class DeletesRuns(Protocol):
+    """Optional, for ``raysync rm``, ``raysync gc`` and ``isolated_export(keep_last=N)``."""
+
+    def delete_run(self, target: Target) -> int:
+        """Delete the committed run at ``target.uri`` and return the bytes freed.
+
+        The run vanishes whole first (its manifest is removed, or its directory renamed
+        aside), so a reader sees it whole or not at all; then its files. Only a raysync run is
+        deleted: no manifest, files the manifest does not list, or an export writing the run
+        right now is a :class:`raysync.errors.RunExistsError` (or ``DestinationError``), and
+        nothing is touched (DESIGN invariant 7)."""
+
+
+@runtime_checkable
+class CleansLeftovers(Protocol):
+    """Optional, for ``raysync gc``: what dead exports left under a prefix."""
+
+    def list_leftovers(self, target: Target) -> list[Leftover]:
+        """The leftovers under ``target.uri`` of exports that are no longer running (an
+        export in progress is never listed, whatever its age)."""
+
+    def delete_leftover(self, target: Target, leftover: Leftover) -> None:
+        """Remove one leftover that :meth:`list_leftovers` returned (checked again first)."""

@@ -97,6 +97,13 @@ def kv_del(key: bytes, *, namespace: str) -> None:
     internal_kv._internal_kv_del(key, namespace=namespace)
 
 
+def kv_list(prefix: bytes, *, namespace: str) -> list[bytes]:
+    """The keys in the internal KV store that start with ``prefix``."""
+    from ray.experimental import internal_kv
+
+    return [bytes(k) for k in internal_kv._internal_kv_list(prefix, namespace=namespace)]
+
+
 def add_post_init_hook(hook: Callable[[], None]) -> bool:
     """Run ``hook`` right after every ``ray.init()`` on the driver; False when Ray has no
     such list (decoration after ``ray.init`` then publishes at once instead).

@@ -90,15 +90,25 @@ def same_call(existing: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
 def continues(existing: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
     """True when the call ``run`` describes resumed (``resume=True``) from the checkpoint or
     failed run that ``existing`` (its manifest's ``run``, its lock, its claim) belongs to:
-    it carries that call on and may replace what it left. A ``succeeded`` run is never
-    taken over this way."""
+    it carries that call on and may replace what it left: the very checkpoint it resumed, or
+    a lock that call left. A ``succeeded`` run, or a newer checkpoint, is never taken over
+    this way."""
     resumed = run.get("resumed_from")
-    return (
+    if not (
         isinstance(resumed, Mapping)
         and identity(resumed) is not None
         and claim_record(resumed) == claim_record(existing)
-        and existing.get("status") != "succeeded"
-    )
+    ):
+        return False
+    status = existing.get("status")
+    if status is None:
+        return True  # a lock or claim that call left when it died
+    if status == "succeeded":
+        return False
+    # Only the very checkpoint it resumed from: not a newer one that call committed since
+    # (it was alive after all), which this call never saw.
+    number = existing.get("checkpoint") or existing.get("checkpoints") or 0
+    return bool(number == resumed.get("checkpoint"))
 
 
 def same_commit(committed: Mapping[str, Any], described: Mapping[str, Any]) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,169 @@ def test_validate_in_a_ray_task_refuses_and_the_run_says_failed(
     doc = json.loads((dest / "v" / "raysync-manifest.json").read_text())
     assert doc["run"]["status"] == "failed"
     assert "model.pt was not written" in doc["run"]["error"]
+
+
+# -- found by the adversarial review of resume (leases, spellings, pinning, the sink) --------
+
+
+def test_a_stalled_holder_never_takes_its_lease_back_nor_releases_the_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from raysync import leases
+    from raysync.errors import LeaseHeldError
+    from raysync.rules import run_record
+
+    monkeypatch.setenv("RAYSYNC_LEASE_SECONDS", "1")
+    base = leases.key("f", f"file:///stall/{time.monotonic_ns()}")
+    a = leases.Lease(base, run_record("f", "task-a"), "here")
+    a.acquire()
+    a.stop.set()  # A stalls: its renewer stops (as in a long GIL hold)
+    a.thread.join()  # type: ignore[union-attr]
+    a.stop.clear()
+    time.sleep(1.2)  # A's lease expires
+    b = leases.Lease(base, run_record("f", "task-b"), "here")
+    b.acquire()
+    assert not a.owns() and b.owns()
+    a._renew_once = None
+    a.thread = threading.Thread(target=a._renew)
+    a.thread.start()
+    time.sleep(0.5)
+    assert leases.holder(base)["task_id"] == "task-b"  # type: ignore[index]
+    a.release()  # releases nothing of B's
+    assert b.owns()
+    with pytest.raises(LeaseHeldError, match="task-b"):
+        leases.Lease(base, run_record("f", "task-c"), "here").acquire()
+    b.release()
+    assert leases.holder(base) is None
+
+
+def test_of_two_calls_racing_for_an_expired_lease_exactly_one_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from raysync import leases
+    from raysync.errors import LeaseHeldError
+    from raysync.rules import run_record
+
+    monkeypatch.setenv("RAYSYNC_LEASE_SECONDS", "1")
+    for round_ in range(5):
+        base = leases.key("f", f"file:///race/{round_}/{time.monotonic_ns()}")
+        dead = leases.Lease(base, run_record("f", "dead"), "here")
+        dead.acquire()
+        dead.stop.set()
+        dead.thread.join()  # type: ignore[union-attr]
+        time.sleep(1.1)
+        got: list[str] = []
+        barrier = threading.Barrier(3)
+
+        def take(
+            name: str,
+            base: bytes = base,
+            barrier: threading.Barrier = barrier,
+            got: list[str] = got,
+        ) -> None:
+            lease = leases.Lease(base, run_record("f", name), "here")
+            barrier.wait(10)
+            try:
+                lease.acquire()
+            except LeaseHeldError:
+                return
+            got.append(name)
+
+        threads = [threading.Thread(target=take, args=(n,)) for n in ("b", "c", "d")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(got) == 1, (round_, got)
+
+
+def test_two_spellings_of_one_directory_share_one_lease(tmp_path: Path) -> None:
+    """A live call writing through a symlinked path is seen by a resumer writing the real
+    path: the resumer is refused, the live call's run stays its own."""
+    from raysync.errors import LeaseHeldError
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    started, finish = threading.Event(), threading.Event()
+
+    def body(name: str) -> str:
+        raysync.current_workspace().export_dir.joinpath("a.txt").write_text(name)
+        raysync.checkpoint()
+        started.set()
+        finish.wait(30)
+        return name
+
+    live = isolated_export(str(tmp_path / "link/{name}"), chdir=False)(body)
+    resumer = isolated_export(str(tmp_path / "real/{name}"), chdir=False, resume=True)(body)
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(live(name="r")))
+    t.start()
+    assert started.wait(30)
+    with pytest.raises(LeaseHeldError, match="writing this run right now"):
+        resumer(name="r")
+    finish.set()
+    t.join(30)
+    assert out and out[0].manifest.status == "succeeded"
+
+
+def test_overwrite_calls_with_sync_every_still_run_side_by_side(tmp_path: Path) -> None:
+    """conflict="overwrite" lets two calls write one run: a checkpoint of the second never
+    fails on the first one's lease (it goes on without one)."""
+    gate = threading.Barrier(2)
+
+    @isolated_export(str(tmp_path / "{name}"), chdir=False, conflict="overwrite")
+    def call(name: str, who: str) -> int:
+        raysync.current_workspace().export_dir.joinpath(f"{who}.txt").write_text(who)
+        first = raysync.checkpoint().number
+        gate.wait(30)
+        return first
+
+    out: list[Any] = []
+    threads = [threading.Thread(target=lambda w=w: out.append(call(name="x", who=w))) for w in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(out) == 2 and [r.value for r in out] == [1, 1]
+
+
+def test_a_continuation_replaces_only_the_checkpoint_it_resumed() -> None:
+    from raysync.rules import claim_record, continues, run_record
+
+    old = {**run_record("f", "task-a"), "status": "running", "checkpoint": 3}
+    mine = {**run_record("f", "task-b"), "resumed_from": {**claim_record(old), "checkpoint": 3}}
+    assert continues(old, mine)
+    assert not continues({**old, "checkpoint": 4}, mine)  # task-a lived on: not ours
+    assert not continues({**old, "status": "succeeded"}, mine)
+    assert continues(claim_record(old), mine)  # the lock task-a left when it died
+
+
+def test_the_sink_serves_resumers_only_files_the_run_lists(ray_wd: Path, tmp_path: Path) -> None:
+    from raysync_builtins.host.sink import Options, get_or_create_sink, sink_key, sink_name
+
+    from raysync.errors import DestinationError
+
+    root = tmp_path / "root"
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "key").write_text("PRIVATE")
+
+    @isolated_export(f"host://{root}/{{name}}")
+    def call(name: str) -> None:
+        Path("export/a.txt").write_text("a")
+
+    call(name="r")
+    (root / "r" / "export" / "link").symlink_to(secret)
+    (root / "r2").symlink_to(root / "r")
+    ctx = ray.get_runtime_context()
+    sink = get_or_create_sink(Options())
+    ray.get(
+        sink.allow.remote(
+            str(root), sink_key((ctx.gcs_address, sink_name(ctx.get_job_id(), Options())))
+        )
+    )
+    job = ctx.get_job_id()
+    assert ray.get(sink.read.remote(str(root / "r"), job, "export/a.txt", 0, 10)) == b"a"
+    for dest, rel in ((root / "r", "export/link/key"), (root / "r2", "export/a.txt")):
+        with pytest.raises(DestinationError):
+            ray.get(sink.read.remote(str(dest), job, rel, 0, 10))

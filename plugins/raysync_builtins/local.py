@@ -15,6 +15,7 @@ import raysync
 from raysync import dirshards
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
 from raysync.copy import copy_files, plan_reuse
+from raysync.dirgc import busy
 from raysync.dirrun import (
     DirReader,
     check_conflict,
@@ -78,36 +79,37 @@ class LocalCopyBackend:
             staging.mkdir()
         except OSError as e:
             raise destination_error(e, dest.parent, request, uri) from e
-        try:
-            # Plain string paths: this loop runs once per file (Path objects cost more here
-            # than the copy of a small file).
-            base = os.fspath(staging)
-            made: set[str] = {base}
-            outs: list[tuple[FileEntry, str]] = []
-            for entry in request.files:
-                out = os.path.join(base, check_relpath(entry.path))
-                parent = os.path.dirname(out)
-                if parent not in made:
-                    makedirs(parent)
-                    made.add(parent)
-                outs.append((entry, out))
-            linked = link_reused(
-                [(e, safe_join(dest, e.path), o) for e, o in outs if e.path in reuse],
-                request.checksum,
-            )
-            jobs: list[tuple[FileEntry, str | Path]] = [
-                (e, o) for e, o in outs if e.path not in linked
-            ]
-            copy_files(jobs, request.checksum, dest_fs=staging)
-            # The manifest is written last: a directory holding one is a complete run.
-            (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
-            commit_dir(staging, dest, decision, run=run, conflict=request.conflict, uri=uri)
-        except OSError as e:
-            remove_tree(staging)
-            raise destination_error(e, dest.parent, request, uri) from e
-        except BaseException:
-            remove_tree(staging)
-            raise
+        with busy(staging):
+            try:
+                # Plain string paths: this loop runs once per file (Path objects cost more here
+                # than the copy of a small file).
+                base = os.fspath(staging)
+                made: set[str] = {base}
+                outs: list[tuple[FileEntry, str]] = []
+                for entry in request.files:
+                    out = os.path.join(base, check_relpath(entry.path))
+                    parent = os.path.dirname(out)
+                    if parent not in made:
+                        makedirs(parent)
+                        made.add(parent)
+                    outs.append((entry, out))
+                linked = link_reused(
+                    [(e, safe_join(dest, e.path), o) for e, o in outs if e.path in reuse],
+                    request.checksum,
+                )
+                jobs: list[tuple[FileEntry, str | Path]] = [
+                    (e, o) for e, o in outs if e.path not in linked
+                ]
+                copy_files(jobs, request.checksum, dest_fs=staging)
+                # The manifest is written last: a directory holding one is a complete run.
+                (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
+                commit_dir(staging, dest, decision, run=run, conflict=request.conflict, uri=uri)
+            except OSError as e:
+                remove_tree(staging)
+                raise destination_error(e, dest.parent, request, uri) from e
+            except BaseException:
+                remove_tree(staging)
+                raise
         reused = [e for e in request.files if e.path in linked]
         return ExportOutcome(
             uri=uri,
@@ -122,19 +124,21 @@ class LocalCopyBackend:
             staged = dirshards.stage_dir(dest, request.shard)
         except OSError as e:
             raise destination_error(e, dest.parent, request, uri) from e
-        try:
-            jobs: list[tuple[FileEntry, str | Path]] = []
-            for entry in request.files:
-                out = safe_join(staged, check_relpath(entry.path))
-                makedirs(out.parent)
-                jobs.append((entry, out))
-            copy_files(jobs, request.checksum, dest_fs=staged)
-        except BaseException as e:
-            remove_tree(staged)
-            if isinstance(e, OSError):
-                raise destination_error(e, dest.parent, request, uri) from e
-            raise
-        committed = dirshards.commit_shard(staged, dest, request.manifest, request.shard, uri)
+        with busy(staged):
+            try:
+                jobs: list[tuple[FileEntry, str | Path]] = []
+                for entry in request.files:
+                    out = safe_join(staged, check_relpath(entry.path))
+                    makedirs(out.parent)
+                    jobs.append((entry, out))
+                copy_files(jobs, request.checksum, dest_fs=staged)
+            except BaseException as e:
+                remove_tree(staged)
+                if isinstance(e, OSError):
+                    raise destination_error(e, dest.parent, request, uri) from e
+                raise
+            shard = request.shard
+            committed = dirshards.commit_shard(staged, dest, request.manifest, shard, uri)
         return ExportOutcome(uri=uri, committed=committed)
 
     def list_runs(self, target: Target) -> list[RunInfo]:
@@ -143,6 +147,10 @@ class LocalCopyBackend:
     def open_run(self, target: Target) -> RunReader:
         path = Path(target.local_path())
         return DirReader(f"file://{path}", path)
+
+    def location(self, target: Target) -> str:
+        """The run's directory, resolved: two spellings of one directory are one run."""
+        return "file://" + os.path.realpath(target.local_path())
 
     def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
         """In the worker: the run, once the driver's visibility token proves the path."""

@@ -177,6 +177,10 @@ class HostSyncBackend:
         path = Path(target.local_path())
         return DirReader(f"host://{path}", path)
 
+    def location(self, target: Target) -> str:
+        """The run's path on the driver's machine (normalised: it may not exist here)."""
+        return "file://" + os.path.normpath(target.local_path())
+
     def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
         """In the worker: the run on the driver's machine, read through the sink actor."""
         dest = Path(target.local_path())

@@ -7,6 +7,7 @@ import asyncio
 import os
 import resource
 import secrets
+import stat
 import time
 import uuid
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from typing import Any
 
 import ray
 
-from raysync import checksum, dirshards, rules
+from raysync import checksum, dirgc, dirshards, rules
 from raysync.backend import Shard
 from raysync.dirrun import (
     check_conflict,
@@ -83,6 +84,8 @@ class _Session:
     last: float = field(default_factory=time.monotonic)
     #: One shard of a run many calls write (:mod:`raysync.dirshards`).
     shard: Shard | None = None
+    #: The busy mark on the staging directory (:func:`raysync.dirgc.mark`).
+    mark: int = -1
 
 
 class HostSink:
@@ -100,6 +103,8 @@ class HostSink:
         self.idle_timeout = idle_timeout
         self.job_id = job_id
         self._key = key
+        #: The largest chunk a reader gets in one call.
+        self.chunk_cap = 64 * MIB
         self.held = 0
         self.peak_held = 0
         self.start_rss = _rss_peak()
@@ -141,12 +146,14 @@ class HostSink:
             self.sessions[sid] = _Session(
                 path, staged, dict(run), conflict, rules.Decision(False), shard=shard
             )
+            self.sessions[sid].mark = dirgc.mark(staged)
             return sid, None
         decision = check_conflict(path, run=run, conflict=conflict, uri=uri)
         staging = staging_dir(path)
         makedirs(staging.parent)
         staging.mkdir()
         self.sessions[sid] = _Session(path, staging, dict(run), conflict, decision)
+        self.sessions[sid].mark = dirgc.mark(staging)
         previous = decision.previous
         return sid, (previous.to_bytes() if previous is not None else None)
 
@@ -165,20 +172,38 @@ class HostSink:
         check_inside(root, path, uri)
         return path
 
+    def _readable(self, dest: str, job_id: str) -> Path:
+        """:meth:`_allowed`, and no symbolic link between the root and the run."""
+        path = self._allowed(dest, job_id)
+        root = next(r for r in self.roots if path.is_relative_to(r))
+        if not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+            raise DestinationError("this run is reached through a link", uri=f"host://{dest}")
+        return path
+
     async def read_manifest(self, dest: str, job_id: str) -> bytes | None:
         """The manifest of the run at ``dest`` (``resume=True`` reads it from a worker)."""
-        path = self._allowed(dest, job_id)
-        try:
-            return await asyncio.to_thread(_read_nofollow, path / MANIFEST_NAME, 0, None)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        path = self._readable(dest, job_id)
+        async with self.slots:
+            try:
+                return await asyncio.to_thread(_read_listed, path, MANIFEST_NAME, 0, None)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
 
     async def read(self, dest: str, job_id: str, rel: str, offset: int, size: int) -> bytes:
-        """``size`` bytes at ``offset`` of a file of the run at ``dest`` (one of the sink's
-        slots while read: the memory bound holds for readers too)."""
-        path = safe_join(self._allowed(dest, job_id), check_relpath(rel))
+        """``size`` bytes at ``offset`` of a file the manifest of the run at ``dest`` lists
+        (one of the sink's slots while read: the memory bound holds for readers too)."""
+        path = self._readable(dest, job_id)
+        uri = f"host://{dest}"
         async with self.slots:
-            return await asyncio.to_thread(_read_nofollow, path, offset, size)
+            try:
+                data = await asyncio.to_thread(_read_listed, path, MANIFEST_NAME, 0, None)
+                listed = {f.path: f.size for f in Manifest.from_bytes(data, uri=uri).files}
+                if check_relpath(rel) not in listed:
+                    raise DestinationError(f"{rel!r} is not a file of this run", uri=uri)
+                size = max(0, min(size, listed[rel] - offset, self.chunk_cap))
+                return await asyncio.to_thread(_read_listed, path, rel, offset, size)
+            except OSError as e:
+                raise DestinationError(f"cannot read {rel!r} of this run: {e}", uri=uri) from None
 
     async def link(self, sid: str, paths: list[str], algorithm: str) -> list[str]:
         """Hard-link ``paths`` from the run being replaced into the staging directory, each
@@ -240,7 +265,7 @@ class HostSink:
         except BaseException:
             self._drop(sid)
             raise
-        del self.sessions[sid]
+        self._end(sid)
         return str(session.dest)
 
     async def commit_shard(self, sid: str, manifest_bytes: bytes) -> tuple[str, bool]:
@@ -260,7 +285,7 @@ class HostSink:
         except BaseException:
             self._drop(sid)
             raise
-        del self.sessions[sid]
+        self._end(sid)
         return str(session.dest), committed
 
     async def abort(self, sid: str) -> None:
@@ -287,8 +312,15 @@ class HostSink:
                 workspace=None,
             ) from None
 
-    def _drop(self, sid: str) -> None:
+    def _end(self, sid: str) -> _Session | None:
         s = self.sessions.pop(sid, None)
+        if s is not None and s.mark >= 0:
+            os.close(s.mark)
+            s.mark = -1
+        return s
+
+    def _drop(self, sid: str) -> None:
+        s = self._end(sid)
         if s is not None:
             remove_tree(s.staging)
 
@@ -299,11 +331,22 @@ class HostSink:
                 self._drop(sid)
 
 
-def _read_nofollow(path: Path, offset: int, size: int | None) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+def _read_listed(run: Path, rel: str, offset: int, size: int | None) -> bytes:
+    """Read a regular file of the run directory ``run``, refusing a symbolic link anywhere
+    from the run directory down (each component opened without following links)."""
+    fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
+        for part in check_relpath(rel).split("/"):
+            nxt = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(f"{rel} is not a regular file")
         if size is None:
-            size = os.fstat(fd).st_size
+            if st.st_size > 64 * MIB:
+                raise FileNotFoundError(f"{rel} is too large for a manifest")
+            size = st.st_size
         return os.pread(fd, size, offset)
     finally:
         os.close(fd)

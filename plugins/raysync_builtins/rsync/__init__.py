@@ -22,6 +22,7 @@ the staging directory is named after the Ray task, and ``--partial-dir`` keeps p
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import raysync
 from raysync import dirshards, redaction
 from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
 from raysync.copy import plan_reuse
+from raysync.dirgc import busy
 from raysync.dirrun import (
     DirReader,
     check_conflict,
@@ -51,7 +53,7 @@ from raysync.errors import (
 from raysync.fsops import makedirs, remove_tree, temporary_dir
 from raysync.manifest import MANIFEST_NAME, FileEntry, safe_join
 from raysync.result import ExportResult
-from raysync.target import Target
+from raysync.target import Target, redact
 from raysync_builtins.rsync.claims import RemoteRuns
 from raysync_builtins.rsync.command import (
     CLAIM_NAME,
@@ -148,15 +150,16 @@ class RsyncBackend(RemoteRuns):
         check_visible(request.prepared, dest, uri)
         dirshards.check_dest(dest, request.manifest.run, uri)
         staged = dirshards.stage_dir(dest, request.shard)
-        try:
-            transfer(request, rsync, str(staged) + "/", files=request.files, hash_sources=False)
-            _remove_partial_dirs(staged)
-            _hash_staged(staged, request.files, request.checksum)
-            unchanged_since_scan(request.files)
-        except BaseException:
-            remove_tree(staged)
-            raise
-        return dirshards.commit_shard(staged, dest, request.manifest, request.shard, uri)
+        with busy(staged):
+            try:
+                transfer(request, rsync, str(staged) + "/", files=request.files, hash_sources=False)
+                _remove_partial_dirs(staged)
+                _hash_staged(staged, request.files, request.checksum)
+                unchanged_since_scan(request.files)
+            except BaseException:
+                remove_tree(staged)
+                raise
+            return dirshards.commit_shard(staged, dest, request.manifest, request.shard, uri)
 
     def _error(self, e: RsyncFailed, request: ExportRequest, uri: str) -> RaySyncError:
         said = e.stderr.strip()
@@ -205,35 +208,36 @@ class RsyncBackend(RemoteRuns):
                 uri=uri,
                 hint="check that the destination is mounted read-write on this node",
             ) from e
-        try:
-            # A killed attempt of this call may have left files here (the staging dir is
-            # named after the call): drop those the manifest does not list, keep the rest for
-            # rsync to resume, and link the files the replaced run already holds.
-            _prune(staging, {e.path for e in request.files})
-            pairs = []
-            for entry in request.files:
-                if entry.path in reuse:
-                    out = safe_join(staging, entry.path)
-                    makedirs(out.parent)
-                    with contextlib.suppress(FileNotFoundError):
-                        out.unlink()
-                    pairs.append((entry, safe_join(dest, entry.path), str(out)))
-            linked = link_reused(pairs, request.checksum)
-            send = [e for e in request.files if e.path not in linked]
-            transfer(request, rsync, str(staging) + "/", files=send, hash_sources=False)
-            # rsync removes its emptied partial dirs; check anyway, then hash what was staged.
-            _remove_partial_dirs(staging)
-            _hash_staged(staging, send, request.checksum)
-            unchanged_since_scan(send)
-            (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
-            commit_dir(staging, dest, decision, run=run, conflict=request.conflict, uri=uri)
-            return [e for e in request.files if e.path in linked]
-        except BaseException:
-            # A failure this process sees is final for this attempt: leave nothing on the
-            # mount. (A worker killed mid-transfer cannot clean up; its Ray retry resumes
-            # from the staging dir, which is named after the call.)
-            remove_tree(staging)
-            raise
+        with busy(staging):
+            try:
+                # A killed attempt of this call may have left files here (the staging dir is
+                # named after the call): drop those the manifest does not list, keep the rest for
+                # rsync to resume, and link the files the replaced run already holds.
+                _prune(staging, {e.path for e in request.files})
+                pairs = []
+                for entry in request.files:
+                    if entry.path in reuse:
+                        out = safe_join(staging, entry.path)
+                        makedirs(out.parent)
+                        with contextlib.suppress(FileNotFoundError):
+                            out.unlink()
+                        pairs.append((entry, safe_join(dest, entry.path), str(out)))
+                linked = link_reused(pairs, request.checksum)
+                send = [e for e in request.files if e.path not in linked]
+                transfer(request, rsync, str(staging) + "/", files=send, hash_sources=False)
+                # rsync removes its emptied partial dirs; check anyway, then hash what was staged.
+                _remove_partial_dirs(staging)
+                _hash_staged(staging, send, request.checksum)
+                unchanged_since_scan(send)
+                (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
+                commit_dir(staging, dest, decision, run=run, conflict=request.conflict, uri=uri)
+                return [e for e in request.files if e.path in linked]
+            except BaseException:
+                # A failure this process sees is final for this attempt: leave nothing on the
+                # mount. (A worker killed mid-transfer cannot clean up; its Ray retry resumes
+                # from the staging dir, which is named after the call.)
+                remove_tree(staging)
+                raise
 
     # -- read back ---------------------------------------------------------------------------
     def list_runs(self, target: Target) -> list[RunInfo]:
@@ -251,6 +255,13 @@ class RsyncBackend(RemoteRuns):
         if remote.mode == "mount":
             return DirReader(target.uri, Path(remote.path))
         return _PulledReader(target.uri, Rsync(Options.parse(target.options), remote), remote)
+
+    def location(self, target: Target) -> str:
+        """A mount's run directory, resolved; a remote's URI, redacted."""
+        remote = Remote.parse(target.uri)
+        if remote.mode == "mount":
+            return "file://" + os.path.realpath(remote.path)
+        return redact(target.uri)
 
     def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
         """In the worker: a mount once the driver's visibility token proves it; a daemon or
