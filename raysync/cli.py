@@ -493,3 +493,6 @@ def run() -> None:
     it does ``cat``. Shell completion: ``eval "$(_RAYSYNC_COMPLETE=bash_source raysync)"``."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
+
+
+from raysync import cli_runs  # noqa: E402, F401 - registers rm, gc and diff on the group

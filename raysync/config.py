@@ -36,6 +36,8 @@ class Config:
     #: ``shard`` and ``shards`` templates (:mod:`raysync.shards`).
     shard: str | None = None
     shards: int | str | None = None
+    #: After each successful commit, keep only this many runs (:func:`lifecycle.prune`).
+    keep_last: int | None = None
     key: str = ""
     function: str = ""
     fields: tuple[str, ...] = field(default_factory=tuple)
@@ -75,6 +77,7 @@ def make_config(
     resume: bool = False,
     shard: str | None = None,
     shards: int | str | None = None,
+    keep_last: int | None = None,
 ) -> Config:
     if output_uri is not None and (not isinstance(output_uri, str) or not output_uri.strip()):
         raise ConfigError(
@@ -138,6 +141,9 @@ def make_config(
         resuming.check(be)
     target = Target.parse(output_uri or "", storage_options)
     _check_shards(be, target, shard, shards, sync_every, resume, conflict)
+    from raysync.lifecycle import check_keep_last
+
+    check_keep_last(be, keep_last)
     template_fields(target.uri)  # malformed templates fail here
     check_template(target.uri)  # so do templates that can never name a run
     be.check(target)
@@ -156,6 +162,7 @@ def make_config(
         resume=resume,
         shard=shard,
         shards=shards,
+        keep_last=keep_last,
     )
 
 

@@ -34,6 +34,7 @@ from raysync.errors import (
 from raysync.exporting import export_once
 from raysync.hookspecs import ExportBackend
 from raysync.identity import function_name
+from raysync.lifecycle import prune
 from raysync.manifest import FileEntry, Manifest
 from raysync.redaction import redact_error
 from raysync.result import ExportResult, ExportStats, IsolatedExport
@@ -67,6 +68,7 @@ def isolated_export(
     resume: bool = False,
     shard: str | None = None,
     shards: int | str | None = None,
+    keep_last: int | None = None,
 ) -> IsolatedExport:
     """Run every call of a Ray task or actor method in a private workspace, then export it.
 
@@ -105,6 +107,8 @@ def isolated_export(
         named by this template (``"{rank}"``); the run is committed, all or nothing, when
         all ``shards`` shards have exported. See docs/usage.md, "Many calls, one output".
     :param shards: how many shards the run has: a number or one field (``"{world_size}"``).
+    :param keep_last: after each successful commit, remove this function's older
+        ``succeeded`` runs under the template's static root beyond the newest N.
 
     Works on plain functions and methods (put ``@ray.remote`` above it), and on top of an
     existing ``ray.remote`` function or actor class. Every decorated call returns an
@@ -126,6 +130,7 @@ def isolated_export(
         resume,
         shard,
         shards,
+        keep_last,
     )
 
     def decorate(obj: Any) -> Any:
@@ -308,6 +313,8 @@ def _finish(call: Call, value: Any, error: BaseException | None) -> ExportResult
         run_seconds=run_seconds,
         extra={**outcome.extra_stats, "checkpoints": call.checkpoints},
     )
+    if call.cfg.keep_last and error is None and outcome.committed:
+        prune(be, call.target, call.cfg.function, call.cfg.keep_last)
     if not call.cfg.keep_workspace:
         workspace.remove(call.ws)
     return ExportResult(

@@ -36,7 +36,7 @@ import pytest
 from raysync import checksum
 from raysync.errors import ConfigError, MaterializeError, RaySyncError, RunExistsError
 from raysync.exporting import export_once, prepare
-from raysync.hookspecs import ExportBackend, ResumesRuns
+from raysync.hookspecs import DeletesRuns, ExportBackend, OpensRuns, ResumesRuns
 from raysync.manifest import FileEntry, scan
 from raysync.registry import get_registry
 from raysync.result import ExportResult, ExportStats
@@ -253,6 +253,34 @@ class BackendConformance:
             assert empty.manifest() is None
         finally:
             empty.close()
+
+    def test_delete_run_removes_the_whole_run_and_nothing_else(
+        self, conformance_target: ConformanceTarget, tmp_path: Path
+    ) -> None:
+        """``delete_run`` (``raysync rm``, ``gc``, ``keep_last``): the run is gone, its
+        neighbour stays, and a second delete (no run there) is an error, not a no-op."""
+        backend = self.backend()
+        if not conformance_target.has_destination or not isinstance(backend, DeletesRuns):
+            pytest.skip("the backend has no delete_run hook")
+        ct, run, other = conformance_target, self.run_id(), self.run_id()
+        result = self.export(ct, self.workspace(tmp_path, _files()), run)
+        kept = self.export(ct, self.workspace(tmp_path, {"export/k.txt": b"k"}), other)
+        try:
+            freed = backend.delete_run(self.target(ct, run))
+        except ConfigError as e:
+            pytest.skip(f"this kind of destination cannot delete runs: {e}")
+        assert freed == result.manifest.total_bytes
+        if isinstance(backend, OpensRuns):
+            reader = backend.open_run(self.target(ct, run))
+            try:
+                assert reader.manifest() is None
+            finally:
+                reader.close()
+        with pytest.raises(RaySyncError):
+            backend.delete_run(self.target(ct, run))
+        assert self._read(kept, tmp_path, "export/k.txt") == b"k"
+        # The deleted run's URI is free again for any call.
+        self.export(ct, self.workspace(tmp_path, {"export/v.txt": b"2"}), run, task_id="task-9")
 
     def test_unknown_storage_options_fail_in_check(
         self, conformance_target: ConformanceTarget

@@ -13,9 +13,16 @@ from typing import Any
 
 import raysync
 from raysync import dirshards
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest, RunInfo, RunReader
+from raysync.backend import (
+    Capabilities,
+    ExportOutcome,
+    ExportRequest,
+    Leftover,
+    RunInfo,
+    RunReader,
+)
 from raysync.copy import copy_files, plan_reuse
-from raysync.dirgc import busy
+from raysync.dirgc import busy, delete_dir_leftover, delete_dir_run, dir_leftovers
 from raysync.dirrun import (
     DirReader,
     check_conflict,
@@ -147,6 +154,16 @@ class LocalCopyBackend:
     def open_run(self, target: Target) -> RunReader:
         path = Path(target.local_path())
         return DirReader(f"file://{path}", path)
+
+    def delete_run(self, target: Target) -> int:
+        path = Path(target.local_path())
+        return delete_dir_run(path, f"file://{path}")
+
+    def list_leftovers(self, target: Target) -> list[Leftover]:
+        return dir_leftovers(Path(target.local_path()), lambda p: f"file://{p}")
+
+    def delete_leftover(self, target: Target, leftover: Leftover) -> None:
+        delete_dir_leftover(leftover)
 
     def location(self, target: Target) -> str:
         """The run's directory, resolved: two spellings of one directory are one run."""

@@ -140,6 +140,20 @@ class ZipBackend:
         fs, path = self._fs(inner, options)
         return ZipReader(redact(target.uri), fs, path)
 
+    def delete_run(self, target: Target) -> int:
+        """Remove the archive, once it is proven a raysync run (it holds a manifest)."""
+        inner, _, options = _split(target.uri, target.options)
+        fs, path = self._fs(inner, options)
+        shown = redact(target.uri)
+        existing, occupied = self._existing(fs, path, shown)
+        if existing is None:
+            raise MaterializeError(
+                f"{shown} is not a raysync archive" if occupied else f"{shown} does not exist"
+            )
+        size = int(fs.size(path))
+        fs.rm_file(path)
+        return size
+
     def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
         return self.open_run(target)
 

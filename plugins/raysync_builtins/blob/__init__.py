@@ -16,6 +16,7 @@ Commit protocol (docs/backends.md):
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from raysync.result import ExportResult, place_run
 from raysync.target import Target, redact, split_scheme
 from raysync_builtins.blob.consts import CONDITIONAL, EXTRAS, LOCK_NAME, NOT_STORAGE
 from raysync_builtins.blob.engine_fsspec import FsspecEngine
+from raysync_builtins.blob.gc import BlobGc, Heartbeat
 from raysync_builtins.blob.lock import RunLock, _Claim
 from raysync_builtins.blob.packing import read_packed, tar_packs
 from raysync_builtins.blob.reading import BlobReader, read_manifest
@@ -48,7 +50,7 @@ from raysync_builtins.blob.upload import Uploads
 __all__ = ["LOCK_NAME", "BlobBackend", "read_packed", "tar_packs"]
 
 
-class BlobBackend(RunLock, Uploads, ShardExports):
+class BlobBackend(RunLock, Uploads, ShardExports, BlobGc):
     """Exports to any fsspec filesystem."""
 
     name = "fsspec"
@@ -158,6 +160,9 @@ class BlobBackend(RunLock, Uploads, ShardExports):
         manifest_path = f"{run}/{MANIFEST_NAME}"
         previous = claim.decision.previous
         old_gone = previous is None
+        # While the export runs, its lock stays fresh: gc tells a live export from a dead one.
+        lock_body = json.dumps(rules.claim_record(request.manifest.run)).encode()
+        beat = Heartbeat(engine, f"{run}/{LOCK_NAME}", lock_body)
         try:
             # Incremental: objects the run being replaced holds, unchanged, are not sent again.
             reuse = self._verified_reuse(engine, run, request, claim, opts)
@@ -180,6 +185,7 @@ class BlobBackend(RunLock, Uploads, ShardExports):
                 engine.is_transient,
             )
         except FileExistsError as e:
+            beat.stop()
             self._release(engine, run, opts, remove_data=False)
             raise RunExistsError(
                 "another call committed this run first",
@@ -190,8 +196,10 @@ class BlobBackend(RunLock, Uploads, ShardExports):
             # Nothing was committed: give the run back (what is under it, which the claim
             # proved ours, and the lock), so that a retry or another call can take it. A
             # replaced run whose manifest is still there is left as it is; only the lock goes.
+            beat.stop()
             self._release(engine, run, opts, remove_data=old_gone)
             raise
+        beat.stop()  # before the lock goes: a late beat would write it again
         self._clean(engine, run, request.manifest, opts, claim)
         reused = [e for e in request.files if e.path in reuse]
         return ExportOutcome(

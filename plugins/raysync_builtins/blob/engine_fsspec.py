@@ -25,6 +25,7 @@ from raysync_builtins.blob.store import (
     etag_of,
     is_transient,
     log,
+    modified_of,
     part_size_for,
     with_retries,
 )
@@ -91,7 +92,7 @@ class FsspecEngine:
         except FileNotFoundError:
             return {}
         return {
-            k.rstrip("/"): {**v, "etag": etag_of(v)}
+            k.rstrip("/"): {**v, "etag": etag_of(v), "modified": modified_of(v)}
             for k, v in found.items()
             if v.get("type", "file") != "directory"
         }

@@ -272,9 +272,11 @@ class ObstoreEngine:
         found: dict[str, dict[str, Any]] = {}
         for chunk in self.obstore.list(self.store, prefix=self._key(prefix)):
             for meta in chunk:
+                modified = meta.get("last_modified")
                 found[f"{self.bucket}/{meta['path']}"] = {
                     "size": meta["size"],
                     "etag": etag_of(meta),
+                    "modified": modified.timestamp() if modified is not None else None,
                 }
         return found
 

@@ -26,6 +26,7 @@ from raysync.errors import IntegrityError, RunExistsError
 from raysync.manifest import MANIFEST_NAME, Manifest
 from raysync.shards import AREA, check_clash, merge
 from raysync_builtins.blob.consts import LOCK_NAME, PACK_PREFIX
+from raysync_builtins.blob.gc import Heartbeat
 from raysync_builtins.blob.store import Engine, Options, log, with_retries
 
 
@@ -118,7 +119,11 @@ class ShardExports:
         except RunExistsError:
             call("withdrawing the shard", lambda: engine.delete([mine]))
             raise
-        self._upload_all(engine, run, request, opts, shown)
+        beat = Heartbeat(engine, mine, body)  # gc tells a live shard from a dead one
+        try:
+            self._upload_all(engine, run, request, opts, shown)
+        finally:
+            beat.stop()
         data = request.manifest.to_bytes()
         call(
             "writing the shard manifest",

@@ -8,6 +8,7 @@ import errno
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from raysync import redaction
@@ -225,3 +226,15 @@ def part_size_for(size: int, opts: Options) -> int:
     mib = 1024 * 1024
     need = -(-size // 9_000)
     return max(opts.upload_part_size, -(-need // mib) * mib)
+
+
+def modified_of(info: Mapping[str, Any]) -> float | None:
+    """When an object last changed (epoch seconds), from a listing's details, whatever the
+    client calls it (``LastModified``, ``last_modified``, ``mtime``, ``created``)."""
+    for name in ("modified", "LastModified", "last_modified", "mtime", "created"):
+        value = info.get(name)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None

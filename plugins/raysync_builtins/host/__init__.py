@@ -25,8 +25,17 @@ import ray
 
 import raysync
 from raysync import checksum
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
+from raysync.backend import (
+    Capabilities,
+    ExportOutcome,
+    ExportRequest,
+    Leftover,
+    Location,
+    RunInfo,
+    RunReader,
+)
 from raysync.copy import hashed_source, plan_reuse
+from raysync.dirgc import delete_dir_leftover, delete_dir_run, dir_leftovers
 from raysync.dirrun import DirReader, list_dir_runs, materialize_dir
 from raysync.errors import ConfigError, DestinationError, ExportError, RaySyncError
 from raysync.manifest import FileEntry, Manifest
@@ -66,6 +75,8 @@ class HostSyncBackend:
     """Streams each call's files through the object store to the driver's machine."""
 
     name = "host"
+    #: Its runs are listed and deleted on the driver's machine, not from a worker.
+    prunes_in_worker = False
     schemes = ("host",)
     default = False
     capabilities = Capabilities(atomic_rename=True, read_back=True, needs_driver=True, shards=True)
@@ -176,6 +187,17 @@ class HostSyncBackend:
     def open_run(self, target: Target) -> RunReader:
         path = Path(target.local_path())
         return DirReader(f"host://{path}", path)
+
+    def delete_run(self, target: Target) -> int:
+        """On the driver's machine, like :meth:`list_runs`."""
+        path = Path(target.local_path())
+        return delete_dir_run(path, f"host://{path}")
+
+    def list_leftovers(self, target: Target) -> list[Leftover]:
+        return dir_leftovers(Path(target.local_path()), lambda p: f"host://{p}")
+
+    def delete_leftover(self, target: Target, leftover: Leftover) -> None:
+        delete_dir_leftover(leftover)
 
     def location(self, target: Target) -> str:
         """The run's path on the driver's machine (normalised: it may not exist here)."""

@@ -29,9 +29,17 @@ from typing import Any
 
 import raysync
 from raysync import dirshards, redaction
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunInfo, RunReader
+from raysync.backend import (
+    Capabilities,
+    ExportOutcome,
+    ExportRequest,
+    Leftover,
+    Location,
+    RunInfo,
+    RunReader,
+)
 from raysync.copy import plan_reuse
-from raysync.dirgc import busy
+from raysync.dirgc import busy, delete_dir_leftover, delete_dir_run, dir_leftovers
 from raysync.dirrun import (
     DirReader,
     check_conflict,
@@ -255,6 +263,25 @@ class RsyncBackend(RemoteRuns):
         if remote.mode == "mount":
             return DirReader(target.uri, Path(remote.path))
         return _PulledReader(target.uri, Rsync(Options.parse(target.options), remote), remote)
+
+    def _mount(self, target: Target, what: str) -> Path:
+        remote = Remote.parse(target.uri)
+        if remote.mode != "mount":
+            raise ConfigError(
+                f"{what} on an rsync daemon or over ssh is not supported yet",
+                hint="do it on the storage host, or mount the destination (rsync:///path)",
+            )
+        return Path(remote.path)
+
+    def delete_run(self, target: Target) -> int:
+        path = self._mount(target, "removing runs")
+        return delete_dir_run(path, f"rsync://{path}")
+
+    def list_leftovers(self, target: Target) -> list[Leftover]:
+        return dir_leftovers(self._mount(target, "cleaning up"), lambda p: f"rsync://{p}")
+
+    def delete_leftover(self, target: Target, leftover: Leftover) -> None:
+        delete_dir_leftover(leftover)
 
     def location(self, target: Target) -> str:
         """A mount's run directory, resolved; a remote's URI, redacted."""
