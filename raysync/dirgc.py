@@ -70,9 +70,10 @@ def in_use(path: Path) -> bool:
     if SHARDS_MARK in path.name:
         with contextlib.suppress(OSError):
             paths += [p for p in path.iterdir() if p.name.startswith(".tmp-")]
+        paths.append(path / ".lock")  # held while a shard is swapped in or the run committed
     for p in paths:
         try:
-            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             continue
         try:

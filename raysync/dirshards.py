@@ -5,47 +5,86 @@ Next to the run ``dest`` lies a hidden *area* per shard set,
 ``.<name>.raysync-shards-<set id>/``, holding for each shard a directory of its files
 (``<key>/``) and its manifest (``<key>.json``, written after the files are in place). A
 backend stages a shard's files in :func:`stage_dir` (a private directory in the area) its
-own way, then calls :func:`commit_shard`: the staged directory becomes the shard (replacing
-an earlier attempt of the same call, never another call's shard), and when every shard's
-manifest is there, the shard that takes the area's commit lock (``commit.lock``, an exclusive
-create) hard-links every shard's files into one staging directory, writes the merged manifest
-and renames it into place (:func:`raysync.dirrun.commit_dir`): the run appears whole, once.
+own way, then calls :func:`commit_shard`. Under the area's lock (``.lock``, a ``flock``: a
+holder that dies lets go), the staged directory becomes the shard (replacing an earlier
+attempt of the same call, never another call's shard), and when every shard's manifest is
+there, the same holder hard-links every shard's files into one staging directory, re-hashes
+each against its shard's manifest, writes the merged manifest and renames it into place
+(:func:`raysync.dirrun.commit_dir`): the run appears whole, once, and no shard changes while
+it is committed.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import fcntl
 import os
+import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from raysync import rules
 from raysync.backend import Shard
+from raysync.copy import hash_entry
 from raysync.dirrun import check_conflict, commit_dir, read_committed, staging_dir
-from raysync.errors import DestinationError, RaySyncError, RunExistsError
+from raysync.errors import ConfigError, IntegrityError, RaySyncError, RunExistsError
 from raysync.fsops import makedirs, remove_tree
-from raysync.manifest import MANIFEST_NAME, Manifest, safe_join
-from raysync.shards import AREA, check_clash, merge
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
+from raysync.shards import AREA, NAME, check_clash, merge
 
-LOCK = "commit.lock"
+LOCK = ".lock"  # flock'ed while a shard is swapped in and while the run is committed
+_SET_ID = re.compile(r"[0-9a-f]{16}")
 
 
 def area_of(dest: Path, shard: Shard) -> Path:
+    """The shard area of ``shard``'s set next to ``dest`` (its id and name checked: a shard
+    that came over the wire never names a path of its own)."""
+    if not _SET_ID.fullmatch(shard.set_id) or not NAME.fullmatch(shard.name):
+        raise ConfigError(f"not a valid shard: {shard.name!r} of set {shard.set_id!r}")
+    if isinstance(shard.count, bool) or not isinstance(shard.count, int) or shard.count < 1:
+        raise ConfigError(f"not a valid shard count: {shard.count!r}")
     return dest.parent / f".{dest.name}{AREA}-{shard.set_id}"
 
 
-def check_dest(dest: Path, run: dict[str, Any], uri: str) -> None:
-    """Before a shard is staged: the run is not committed yet, and the destination holds no
-    data that is not a raysync run (:func:`raysync.dirrun.check_conflict`)."""
-    if read_committed(dest, uri=uri) is not None:
-        raise RunExistsError(
-            "this sharded run is already committed; a shard never replaces a committed run",
-            uri=uri,
-            hint="write the next sharded run to a new output_uri",
-        )
+@contextlib.contextmanager
+def _locked(area: Path) -> Iterator[None]:
+    """Hold the area's exclusive lock (a ``flock``: a holder that dies lets go)."""
+    fd = os.open(area / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _in_run(dest: Path, shard: Shard, run: dict[str, Any], uri: str) -> Manifest | None:
+    """The committed run at ``dest`` when this very call's shard is in it (a retry after
+    the commit: nothing to do); a committed run without it is a conflict."""
+    committed = read_committed(dest, uri=uri)
+    if committed is None:
+        return None
+    calls = committed.run.get("shard_calls")
+    mine = calls.get(shard.name) if isinstance(calls, dict) else None
+    if isinstance(mine, dict) and rules.same_call(mine, run):
+        return committed
+    raise RunExistsError(
+        "this sharded run is already committed; a shard never replaces a committed run",
+        uri=uri,
+        hint="write the next sharded run to a new output_uri",
+    )
+
+
+def check_dest(dest: Path, run: dict[str, Any], uri: str, shard: Shard) -> bool:
+    """Before a shard is staged: False when the run is committed with this call's shard in
+    it already (a retry after the commit: nothing to export); a committed run without it,
+    or data that is not a raysync run at the destination, is refused."""
+    if _in_run(dest, shard, run, uri) is not None:
+        return False
     check_conflict(dest, run=run, conflict="error", uri=uri)
+    return True
 
 
 def stage_dir(dest: Path, shard: Shard) -> Path:
@@ -65,10 +104,16 @@ def _read(path: Path, uri: str) -> Manifest | None:
 
 
 def _shards(area: Path, uri: str) -> dict[str, Manifest]:
-    """The shard manifests in ``area``, by key."""
+    """The shard manifests in ``area``, by key (a damaged one is skipped: that shard is not
+    there until its call writes it again)."""
     out = {}
     for p in area.glob("*.json"):
-        m = _read(p, uri)
+        if not re.fullmatch(r"[0-9a-f]{16}", p.stem):
+            continue
+        try:
+            m = _read(p, uri)
+        except IntegrityError:
+            continue
         if m is not None:
             out[p.stem] = m
     return out
@@ -76,57 +121,51 @@ def _shards(area: Path, uri: str) -> dict[str, Manifest]:
 
 def commit_shard(staged: Path, dest: Path, manifest: Manifest, shard: Shard, uri: str) -> bool:
     """Make ``staged`` (complete, verified) the shard ``shard`` of the run at ``dest``, then
-    commit the run when this shard completes the set. True when this call committed it."""
+    commit the run when this shard completes the set. True when this call committed it.
+
+    Under the area's lock: the shard is swapped in (replacing an earlier attempt of this
+    call, never another call's shard, never while the run is being committed), and the
+    committer reads, links, verifies and renames while no shard changes."""
     area = staged.parent
     run = manifest.run
     mine_json, mine_dir = area / f"{shard.key}.json", area / shard.key
     try:
-        earlier = _read(mine_json, uri)
-        if earlier is not None:
-            if not rules.same_call(earlier.run, run):
+        with _locked(area):
+            if _in_run(dest, shard, run, uri) is not None:
+                remove_tree(staged)
+                return False  # committed meanwhile, with this call's shard
+            earlier = _read(mine_json, uri)
+            if earlier is not None and not rules.same_call(earlier.run, run):
                 raise RunExistsError(
                     f"shard {shard.name!r} of this run was exported by another call "
                     f"(task {earlier.run.get('task_id')})",
                     uri=uri,
                     hint="give every call its own shard name (e.g. shard='{rank}')",
                 )
-            mine_json.unlink()  # an earlier attempt of this call: its shard is replaced
-        remove_tree(mine_dir)
-        others = _shards(area, uri)
-        check_clash(
-            shard.name,
-            (f.path for f in manifest.files),
-            ((str(m.run.get("shard")), [f.path for f in m.files]) for m in others.values()),
-            uri,
-        )
-        os.rename(staged, mine_dir)
+            others = {k: m for k, m in _shards(area, uri).items() if k != shard.key}
+            check_clash(
+                shard.name,
+                (f.path for f in manifest.files),
+                ((str(m.run.get("shard")), [f.path for f in m.files]) for m in others.values()),
+                uri,
+            )
+            mine_json.unlink(missing_ok=True)  # an earlier attempt of this call: replaced
+            remove_tree(mine_dir)
+            os.rename(staged, mine_dir)
+            draft = area / f".{shard.key}.json.{uuid.uuid4().hex[:8]}"
+            draft.write_bytes(manifest.to_bytes())
+            os.replace(draft, mine_json)  # the shard is in place, whole
+            return _try_commit(area, dest, shard, run, uri)
     except BaseException:
         remove_tree(staged)
         raise
-    draft = area / f".{shard.key}.json.{uuid.uuid4().hex[:8]}"
-    draft.write_bytes(manifest.to_bytes())
-    os.replace(draft, mine_json)  # the shard is in place, whole
-    return _try_commit(area, dest, shard, run, uri)
 
 
 def _try_commit(area: Path, dest: Path, shard: Shard, run: dict[str, Any], uri: str) -> bool:
+    """With the area's lock held: commit the run when every shard is there."""
     parts = _shards(area, uri)
     if len(parts) < shard.count:
         return False
-    lock = area / LOCK
-    body = json.dumps(rules.claim_record(run)).encode()
-    try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    except FileExistsError:
-        try:
-            holder = json.loads(lock.read_bytes())
-        except (OSError, ValueError):
-            return False
-        if not (isinstance(holder, dict) and rules.same_call(holder, run)):
-            return False  # another shard is committing the run
-        fd = os.open(lock, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)  # our dead attempt's
-    with os.fdopen(fd, "wb") as f:
-        f.write(body)
     final = staging_dir(dest)
     try:
         merged = merge(list(parts.values()), run, shard, uri)
@@ -135,13 +174,17 @@ def _try_commit(area: Path, dest: Path, shard: Shard, run: dict[str, Any], uri: 
             src = safe_join(area / keys[str(entry.shard)], entry.path)
             out = safe_join(final, entry.path)
             makedirs(out.parent)
-            if src.stat().st_size != entry.size:
-                raise DestinationError(f"shard file {entry.path!r} changed in the area", uri=uri)
             try:
                 os.link(src, out)
             except OSError:  # no hard links here: a copy
                 shutil.copyfile(src, out)
                 os.chmod(out, entry.mode & 0o777)
+            probe = FileEntry(entry.path, entry.size, entry.mode, source=out)
+            hash_entry(probe, merged.checksum)
+            if probe.digest != entry.digest:  # every committed file matches (invariant 8)
+                raise IntegrityError(
+                    "a shard's file does not match its shard manifest", uri=uri, bad=[entry.path]
+                )
         (final / MANIFEST_NAME).write_bytes(merged.to_bytes())
         decision = check_conflict(dest, run=merged.run, conflict="error", uri=uri)
         if decision.replace:
@@ -149,7 +192,6 @@ def _try_commit(area: Path, dest: Path, shard: Shard, run: dict[str, Any], uri: 
         commit_dir(final, dest, decision, run=merged.run, conflict="error", uri=uri)
     except BaseException:
         remove_tree(final)
-        lock.unlink(missing_ok=True)
         raise
     try:
         remove_tree(area)

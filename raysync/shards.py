@@ -37,7 +37,8 @@ from raysync.rules import claim_record
 
 __all__ = ["Shard", "check_clash", "merge", "set_id"]
 
-_NAME = re.compile(r"[A-Za-z0-9._=+-]{1,128}")
+#: What a shard name may be (letters, digits, ``._=+-``).
+NAME = re.compile(r"[A-Za-z0-9._=+-]{1,128}")
 #: What a shard area holds besides the shards: the directory or prefix name.
 AREA = ".raysync-shards"
 
@@ -93,7 +94,7 @@ def render(
         count_text = shards.format_map(values) if isinstance(shards, str) else str(shards)
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
         raise TemplateError(f"cannot render the shard: {e}", template=shard) from None
-    if not _NAME.fullmatch(name) or name in (".", ".."):
+    if not NAME.fullmatch(name) or name in (".", ".."):
         raise TemplateError(
             f"shard name {name!r} must be 1-128 letters, digits or ._=+- (not '.' or '..')",
             template=shard,
@@ -143,6 +144,8 @@ def merge(parts: Sequence[Manifest], run: Mapping[str, Any], shard: Shard, uri: 
                 uri=uri,
                 bad=[str(name)],
             )
+        if name in by_name:
+            raise IntegrityError(f"two shard manifests name shard {name!r}", uri=uri, bad=[name])
         by_name[name] = m
     if len(by_name) != shard.count:
         raise IntegrityError(

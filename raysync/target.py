@@ -174,7 +174,8 @@ def value_problem(text: str) -> str | None:
     Checked as written and after every percent-decoding a backend may apply: no empty value,
     no absolute path, no ``.``, ``..`` or empty segment (``/`` and ``\\`` separate segments),
     no control character (a newline would forge rows in listings), no ``::`` (fsspec reads
-    it as a chain of file systems)."""
+    it as a chain of file systems), no segment naming raysync's own hidden files
+    (``.raysync...``: staging directories, shard areas, locks)."""
     if not text:
         return "it is empty"
     for form in _decoded_forms(text):
@@ -187,6 +188,8 @@ def value_problem(text: str) -> str | None:
         parts = unified.split("/")
         if any(p in ("", ".", "..") for p in parts):
             return "it has a '.', '..' or empty path segment (after percent-decoding)"
+        if any(p.startswith(".raysync") or ".raysync-" in p for p in parts):
+            return "it names raysync's own hidden files ('.raysync...'), which runs never use"
         if "::" in form:
             return "it holds '::' (a chained fsspec URL)"
     return None

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -228,3 +229,99 @@ def test_shards_are_refused_where_they_cannot_work() -> None:
 
     with pytest.raises(raysync.errors.TemplateError, match="shard name"):
         bad(s="x", rank="a/b")
+
+
+# -- found by the adversarial review of shards ------------------------------------------------
+
+
+def _shard_export(dest: Dest, rel: str, ws: Path, name: str, count: int, attempt: int = 0) -> Any:
+    """One shard exported the way the core does it, with a chosen call identity."""
+    from raysync.backend import Shard
+    from raysync.exporting import export_once, prepare
+    from raysync.registry import get_registry
+    from raysync.rules import run_record
+    from raysync.shards import set_id
+    from raysync.target import Target, split_scheme
+
+    uri = dest.uri(rel)
+    backend = get_registry().for_scheme(split_scheme(uri)[0])
+    target = Target(uri, split_scheme(uri)[0], dict(dest.options or {}), str(ws.parent))
+    run = run_record("shards.fn", f"task-{name}", attempt=attempt, shard=name, shards=count)
+    shard = Shard(name, count, set_id(run))
+    root = Target(dest.uri(""), target.scheme, target.options, target.base_dir)
+    _, _, outcome = export_once(
+        backend, target, ws, run, trees=["export"], prepared=prepare(backend, root), shard=shard
+    )
+    return outcome
+
+
+def _ws(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    ws = tmp_path / f"ws-{os.urandom(4).hex()}"
+    for rel, data in files.items():
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).write_bytes(data)
+    (ws / "export").mkdir(parents=True, exist_ok=True)
+    return ws
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_shard_retried_after_the_commit_succeeds_without_touching_the_run(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    dest = make_dest(request, backend, tmp_path)
+    a = _shard_export(dest, "r", _ws(tmp_path, {"export/0.txt": b"zero"}), "0", 2)
+    b = _shard_export(dest, "r", _ws(tmp_path, {"export/1.txt": b"one"}), "1", 2)
+    assert (a.committed, b.committed) == (False, True)
+    # Shard 1's worker died after the commit; Ray retries it with other bytes.
+    again = _shard_export(dest, "r", _ws(tmp_path, {"export/1.txt": b"ONE!"}), "1", 2, attempt=1)
+    assert again.committed is False
+    assert dest.read("r/export/1.txt") == b"one" and dest.verify("r") == 0
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_retried_shard_replaces_its_shard_and_the_run_holds_one_attempt(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    dest = make_dest(request, backend, tmp_path)
+    _shard_export(dest, "r", _ws(tmp_path, {"export/0.txt": b"attempt 0"}), "0", 2)
+    _shard_export(dest, "r", _ws(tmp_path, {"export/0.txt": b"attempt 1!"}), "0", 2, attempt=1)
+    last = _shard_export(dest, "r", _ws(tmp_path, {"export/1.txt": b"one"}), "1", 2)
+    assert last.committed
+    m = Manifest.from_bytes(dest.read(f"r/{MANIFEST_NAME}") or b"")
+    assert m.run["shard_calls"]["0"]["attempt"] == 1
+    assert dest.read("r/export/0.txt") == b"attempt 1!" and dest.verify("r") == 0
+
+
+def test_the_host_sink_derives_the_shard_area_itself(ray_wd: Path, tmp_path: Path) -> None:
+    """A worker's Shard naming a set id with '..' never reaches outside the sink's roots."""
+    from raysync_builtins.host.sink import Options, get_or_create_sink, sink_key, sink_name
+
+    from raysync.backend import Shard
+    from raysync.rules import run_record
+
+    root, victim = tmp_path / "root", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    root.mkdir()
+    ctx = ray.get_runtime_context()
+    sink = get_or_create_sink(Options())
+    ray.get(
+        sink.allow.remote(
+            str(root), sink_key((ctx.gcs_address, sink_name(ctx.get_job_id(), Options())))
+        )
+    )
+    run = run_record("fn", "t1", job_id=ctx.get_job_id(), shard="0", shards=1)
+    evil = Shard("0", 1, "x/../../victim")
+    sid, _ = ray.get(sink.open.remote(str(root / "r"), run, "error", ctx.get_job_id(), evil))
+    ray.get(sink.abort.remote(sid))
+    assert (victim / "keep.txt").read_text() == "keep"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_field_value_naming_raysyncs_hidden_files_is_refused(tmp_path: Path) -> None:
+    @isolated_export(str(tmp_path / "runs/{x}"))
+    def call(x: str) -> None: ...
+
+    for value in ("a/.raysync-shards/0123456789abcdef", ".raysync-lock", "r.raysync-staging-1"):
+        with pytest.raises(raysync.errors.TemplateError, match="hidden files"):
+            call(x=value)

@@ -126,7 +126,8 @@ class LocalCopyBackend:
     def _export_shard(self, request: ExportRequest, dest: Path, uri: str) -> ExportOutcome:
         """One shard of a run many calls write (:mod:`raysync.dirshards`)."""
         assert request.shard is not None
-        dirshards.check_dest(dest, request.manifest.run, uri)
+        if not dirshards.check_dest(dest, request.manifest.run, uri, request.shard):
+            return ExportOutcome(uri=uri, committed=False)  # a retry after the commit
         try:
             staged = dirshards.stage_dir(dest, request.shard)
         except OSError as e:

@@ -18,6 +18,7 @@ names (someone else's data) is never written into.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from raysync import rules
@@ -27,7 +28,10 @@ from raysync.manifest import MANIFEST_NAME, Manifest
 from raysync.shards import AREA, check_clash, merge
 from raysync_builtins.blob.consts import LOCK_NAME, PACK_PREFIX
 from raysync_builtins.blob.gc import Heartbeat
-from raysync_builtins.blob.store import Engine, Options, log, with_retries
+from raysync_builtins.blob.reading import read_manifest
+from raysync_builtins.blob.store import Engine, Options, etag_of, log, with_retries
+
+_SHARD_JSON = re.compile(r"[0-9a-f]{16}\.json")
 
 
 class ShardExports:
@@ -57,10 +61,28 @@ class ShardExports:
 
         found = call("listing the run", lambda: engine.listing(run))
         if f"{run}/{MANIFEST_NAME}" in found:
+            committed = read_manifest(engine, run, shown, opts)
+            calls = committed.run.get("shard_calls") if committed is not None else None
+            mine = calls.get(shard.name) if isinstance(calls, dict) else None
+            if isinstance(mine, dict) and rules.same_call(mine, record):
+                return False  # a retry after the commit: this call's shard is in the run
             raise RunExistsError(
                 "this sharded run is already committed; a shard never replaces a committed run",
                 uri=shown,
                 hint="write the next sharded run to a new output_uri",
+            )
+        enclosing = self._enclosing_run(engine, run, opts)  # type: ignore[attr-defined]
+        nested = [
+            k
+            for k in found
+            if k.rsplit("/", 1)[-1] in (MANIFEST_NAME, LOCK_NAME) and k != f"{run}/{LOCK_NAME}"
+        ]
+        if enclosing is not None or nested:
+            where = f"around this one ({enclosing})" if enclosing else f"inside it ({nested[0]})"
+            raise RunExistsError(
+                f"a run lies {where}; runs never nest",
+                uri=shown,
+                hint="export next to that run, not around or inside it",
             )
         if f"{run}/{LOCK_NAME}" in found:
             raise RunExistsError("another call is writing this run (not as a shard)", uri=shown)
@@ -119,6 +141,9 @@ class ShardExports:
         except RunExistsError:
             call("withdrawing the shard", lambda: engine.delete([mine]))
             raise
+        # An earlier attempt's shard manifest goes before any of its objects change: no
+        # committer pairs it with this attempt's bytes (the committer checks them too).
+        call("replacing the shard", lambda: engine.delete([f"{area}/{shard.key}.json"]))
         beat = Heartbeat(engine, mine, body)  # gc tells a live shard from a dead one
         try:
             self._upload_all(engine, run, request, opts, shown)
@@ -144,17 +169,23 @@ class ShardExports:
     ) -> bool:
         shard = request.shard
         assert shard is not None
-        listed = with_retries(
-            "listing the shards", lambda: engine.listing(area), opts, engine.is_transient
-        )
-        keys = sorted(k for k in listed if k.endswith(".json"))
+        retry = engine.is_transient
+        listed = with_retries("listing the shards", lambda: engine.listing(area), opts, retry)
+        keys = sorted(k for k in listed if _SHARD_JSON.fullmatch(k[len(area) + 1 :]))
         if len(keys) < shard.count:
             return False
-        got = with_retries(
-            "reading the shards", lambda: engine.get_many(keys), opts, engine.is_transient
-        )
+        got = with_retries("reading the shards", lambda: engine.get_many(keys), opts, retry)
         parts = [Manifest.from_bytes(got[k], uri=shown) for k in keys]
         merged = merge(parts, request.manifest.run, shard, shown)
+        # Every object is the one its shard uploaded (a retry may be re-uploading it now).
+        now = with_retries("listing the run", lambda: engine.listing(run), opts, retry)
+        for f in merged.files:
+            key = f"{run}/{f.pack['object'] if f.pack is not None else f.path}"
+            info = now.get(key)
+            tag = etag_of(info) if info is not None else None
+            size_ok = info is not None and (f.pack is not None or info.get("size") == f.size)
+            if not size_ok or (f.etag and f.pack is None and tag and tag != f.etag):
+                return False  # that shard is being replaced: its retry commits the run
         manifest_path = f"{run}/{MANIFEST_NAME}"
         data = merged.to_bytes()
         try:
@@ -162,14 +193,19 @@ class ShardExports:
                 "writing the manifest",
                 lambda: engine.put(manifest_path, data, create=conditional),
                 opts,
-                engine.is_transient,
+                retry,
             )
         except FileExistsError:
             return False  # another shard committed the run first
-        try:  # committed: the area, and what dead attempts left that the run does not list
+        try:  # committed: this set's area, and what its intents named that the run does not
             keep = {f"{run}/{f.path}" for f in merged.files} | {manifest_path}
-            keep |= {f"{run}/{f.pack['object']}" for f in merged.files if f.pack is not None}
-            stale = [k for k in engine.listing(run) if k not in keep]
+            named: set[str] = set()
+            for k in listed:
+                if k.endswith(".intent"):
+                    doc = self._read_json(engine, k, opts)
+                    named |= {f"{run}/{p}" for p in doc.get("paths", []) if isinstance(p, str)}
+            stale = [k for k in listed if k.startswith(area + "/")]
+            stale += [k for k in named if k not in keep and k in now]
             if stale:
                 engine.delete(stale)
         except Exception as e:  # noqa: BLE001 - the run is committed; leftovers are harmless

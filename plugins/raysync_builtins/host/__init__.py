@@ -128,6 +128,8 @@ class HostSyncBackend:
             sid, committed_bytes = ray.get(
                 sink.open.remote(str(dest), run, request.conflict, job_id, request.shard)
             )
+            if not sid:  # a shard's retry after the run was committed with its shard
+                return ExportOutcome(uri=uri, payload=Location(str(dest)), committed=False)
             # Incremental: the sink links what the replaced run already holds.
             send = request.files
             if committed_bytes is not None:

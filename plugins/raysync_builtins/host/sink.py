@@ -34,6 +34,7 @@ from raysync.errors import (
 )
 from raysync.fsops import makedirs, remove_tree
 from raysync.manifest import MANIFEST_NAME, Manifest, check_relpath, safe_join
+from raysync.shards import set_id
 
 MIB = 1024 * 1024
 SINK_PREFIX = "raysync-host-sink"
@@ -141,8 +142,13 @@ class HostSink:
                 self._drop(sid)
         sid = uuid.uuid4().hex
         if shard is not None:
-            dirshards.check_dest(path, run, uri)
+            # Never a set id or a name as sent: the area is derived here (a worker's
+            # Shard could otherwise name a directory outside every root).
+            shard = Shard(str(shard.name), shard.count, set_id(run))
+            if not dirshards.check_dest(path, run, uri, shard):
+                return "", None  # a retry after the commit: its shard is in the run
             staged = dirshards.stage_dir(path, shard)
+            check_inside(root_of(self.roots, path), staged, uri)
             self.sessions[sid] = _Session(
                 path, staged, dict(run), conflict, rules.Decision(False), shard=shard
             )
@@ -329,6 +335,10 @@ class HostSink:
         for sid, s in list(self.sessions.items()):
             if now - s.last > self.idle_timeout:
                 self._drop(sid)
+
+
+def root_of(roots: set[Path], path: Path) -> Path:
+    return next(r for r in roots if path.is_relative_to(r))
 
 
 def _read_listed(run: Path, rel: str, offset: int, size: int | None) -> bytes:

@@ -156,7 +156,8 @@ class RsyncBackend(RemoteRuns):
         assert request.shard is not None
         dest = Path(remote.path)
         check_visible(request.prepared, dest, uri)
-        dirshards.check_dest(dest, request.manifest.run, uri)
+        if not dirshards.check_dest(dest, request.manifest.run, uri, request.shard):
+            return False  # a retry after the commit: its shard is in the run
         staged = dirshards.stage_dir(dest, request.shard)
         with busy(staged):
             try:
