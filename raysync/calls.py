@@ -40,6 +40,8 @@ class Call:
     #: Checkpoints and the final export take turns.
     export_lock: threading.Lock = field(default_factory=threading.Lock)
     checkpoints: int = 0
+    #: When the last checkpoint committed (``time.perf_counter``; the start before one).
+    last_checkpoint: float = 0.0
     #: The URI's lease (:mod:`raysync.leases`), held from the first checkpoint (or the start,
     #: with ``sync_every`` or ``resume``) until the final export ends.
     lease: leases.Lease | None = None
@@ -143,7 +145,7 @@ def start(call: Call) -> None:
     (:func:`raysync.resuming.restore`)."""
     cfg = call.cfg
     call.ws = workspace.create(f"{call.task_id[:24]}-{call.run['attempt']}", cfg.trees)
-    call.started = time.perf_counter()
+    call.started = call.last_checkpoint = time.perf_counter()
     call.run["started_at"] = now()
     if cfg.sync_every is not None:
         call.run["sync_every"] = cfg.sync_every  # how stale a checkpoint of a live call gets

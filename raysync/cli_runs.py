@@ -42,6 +42,11 @@ def _rm(args: argparse.Namespace) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     backend, target = _target(args.prefix, args.storage_options)
+    if not target.path.strip("/").strip("."):
+        raise ConfigError(
+            f"gc needs a directory or prefix of runs, not {args.prefix!r}",
+            hint="give the directory that holds the runs, e.g. artifacts/runs",
+        )
     if args.keep_last is None and args.older_than is None and args.incomplete_older_than is None:
         raise ConfigError(
             "gc needs a policy: nothing to remove",
@@ -107,8 +112,8 @@ def _diff(args: argparse.Namespace) -> int:
             raise DestinationError("there is no committed run here", uri=redact(uri))
         manifests.append(m)
     changes = diff(manifests[0], manifests[1])
-    counts = {mark: sum(c.mark == mark for c in changes) for mark in "=+-*"}
-    differ = any(counts[m] for m in "+-*")
+    counts = {mark: sum(c.mark == mark for c in changes) for mark in "=+-*?"}
+    differ = any(counts[m] for m in "+-*?")
     if args.json:
         out = {
             "identical": not differ,
@@ -128,6 +133,11 @@ def _diff(args: argparse.Namespace) -> int:
         print(
             f"{counts['=']} same, {counts['+']} only in B, {counts['-']} only in A, "
             f"{counts['*']} changed"
+            + (
+                f", {counts['?']} not compared (the runs use different checksums)"
+                if counts["?"]
+                else ""
+            )
         )
     return 1 if differ else 0
 

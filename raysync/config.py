@@ -143,7 +143,7 @@ def make_config(
     _check_shards(be, target, shard, shards, sync_every, resume, conflict)
     from raysync.lifecycle import check_keep_last
 
-    check_keep_last(be, keep_last)
+    check_keep_last(be, keep_last, target)
     template_fields(target.uri)  # malformed templates fail here
     check_template(target.uri)  # so do templates that can never name a run
     be.check(target)

@@ -41,6 +41,7 @@ try:
 except ImportError:  # not on Windows
     fcntl = None  # type: ignore[assignment]
 from raysync.errors import TreeError
+from raysync.fsops import fs_type
 from raysync.manifest import FileEntry, Manifest
 
 T = TypeVar("T")
@@ -96,25 +97,6 @@ def map_batched(
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
     with ThreadPoolExecutor(min(n, len(chunks)), thread_name_prefix="raysync-batch") as pool:
         return [r for chunk in pool.map(lambda c: [fn(x) for x in c], chunks) for r in chunk]
-
-
-def fs_type(path: Path) -> str:
-    """The file system type of the mount holding ``path`` (``""`` when unknown)."""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
-            mounts = [line.split() for line in f]
-    except OSError:
-        return ""
-    best, kind = "", ""
-    target = str(path.resolve())
-    for fields in mounts:
-        if len(fields) < 3:
-            continue
-        point = fields[1].replace("\\040", " ")
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, kind = point, fields[2]
-    return kind
 
 
 def changed_error(entry: FileEntry, seen: int) -> TreeError:

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import ray
 
-from raysync import checkpoints, driver, rayshim, redaction, workspace
+from raysync import checkpoints, driver, metrics, rayshim, redaction, workspace
 from raysync import checksum as checksum_mod
 from raysync.backend import Conflict, ExportOutcome
 from raysync.calls import Call, begin, now, start
@@ -256,6 +256,8 @@ def _checkpoint(call: Call) -> Checkpoint:
         "error": None,
     }
     _, _, outcome = _export(call, run)
+    metrics.checkpoint_lag(call.cfg.backend.name, time.perf_counter() - call.last_checkpoint)
+    call.last_checkpoint = time.perf_counter()
     call.checkpoints = n
     return Checkpoint(n, outcome.uri)  # as the final ExportResult says it
 
@@ -314,7 +316,8 @@ def _finish(call: Call, value: Any, error: BaseException | None) -> ExportResult
         extra={**outcome.extra_stats, "checkpoints": call.checkpoints},
     )
     if call.cfg.keep_last and error is None and outcome.committed:
-        prune(be, call.target, call.cfg.function, call.cfg.keep_last)
+        template = call.target.with_uri(call.cfg.target.uri)  # with the driver's base dir
+        prune(be, template, outcome.uri, call.cfg.function, call.cfg.keep_last)
     if not call.cfg.keep_workspace:
         workspace.remove(call.ws)
     return ExportResult(

@@ -21,6 +21,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,11 +30,20 @@ from pathlib import Path
 
 from raysync.backend import Leftover
 from raysync.dirrun import OLD_MARK, SHARDS_MARK, STAGING_MARK, read_committed
-from raysync.errors import DestinationError, RaySyncError, RunExistsError
+from raysync.errors import ConfigError, DestinationError, RaySyncError, RunExistsError
 from raysync.fsops import iter_files, remove_tree
 from raysync.manifest import MANIFEST_NAME
 
 _MARKS = {STAGING_MARK: "staging", SHARDS_MARK: "shard area", OLD_MARK: "set-aside run"}
+#: Exactly the names raysync gives: ``.<run>.raysync-staging-<12 or 16 hex>``, ... A directory
+#: that only looks like one (``.x.raysync-staging-mine``) is never a leftover.
+_NAMES = re.compile(
+    r"\.(?P<run>.+)(?P<mark>\.raysync-staging-|\.raysync-old-|\.raysync-shards-)"
+    r"(?P<tag>[0-9a-f]{12}|[0-9a-f]{16})"
+)
+#: A leftover younger than this is never removed, whatever the grace asked: the moment
+#: between a staging directory's creation and its busy mark (microseconds; a second is wide).
+MIN_AGE = 1.0
 
 
 @contextlib.contextmanager
@@ -100,23 +111,36 @@ def _size_and_age(path: Path) -> tuple[int, float]:
 
 
 def _kind(name: str) -> str | None:
-    if not name.startswith("."):
+    m = _NAMES.fullmatch(name)
+    if m is None:
         return None
-    return next((kind for mark, kind in _MARKS.items() if mark in name), None)
+    kind = _MARKS[m["mark"]]
+    if kind == "shard area" and len(m["tag"]) != 16:
+        return None
+    return kind
 
 
 def _run_name(name: str) -> str:
-    for mark in _MARKS:
-        if mark in name:
-            return name[1:].split(mark, 1)[0]
-    return name
+    m = _NAMES.fullmatch(name)
+    return m["run"] if m is not None else name
+
+
+def check_root(root: Path, uri: str) -> None:
+    """gc's prefix: an existing directory, not the file system's root."""
+    if os.path.realpath(root) == "/" or not root.is_dir() or root.is_symlink():
+        raise ConfigError(
+            f"{root} is not a directory gc can clean (a directory of runs, not / or a file)",
+            hint="give the directory that holds the runs, e.g. artifacts/runs",
+        )
 
 
 def dir_leftovers(root: Path, to_uri: Callable[[Path], str], *, depth: int = 8) -> list[Leftover]:
-    """The leftovers of dead exports under ``root`` (not descending into runs)."""
+    """The leftovers of dead exports under ``root`` (not descending into runs, symbolic
+    links or other file systems). Runs set aside by a replacement that died are never
+    listed: one may be the only copy of its run (``raysync ls`` shows the run missing)."""
     out: list[Leftover] = []
-    if not root.is_dir():
-        return out
+    check_root(root, str(root))
+    device = os.stat(root).st_dev
     base = len(root.parts)
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
@@ -124,19 +148,27 @@ def dir_leftovers(root: Path, to_uri: Callable[[Path], str], *, depth: int = 8) 
             dirnames.clear()
             continue
         for d in list(dirnames):
+            path = here / d
+            try:
+                st = os.lstat(path)
+            except OSError:
+                dirnames.remove(d)
+                continue
+            if stat.S_ISLNK(st.st_mode) or st.st_dev != device:
+                dirnames.remove(d)  # never followed, never another file system
+                continue
             kind = _kind(d)
             if kind is None:
                 if d.startswith(".raysync"):
                     dirnames.remove(d)
                 continue
             dirnames.remove(d)
-            path = here / d
-            if in_use(path):
+            if kind == "set-aside run" or in_use(path):
+                continue
+            size, age = _size_and_age(path)
+            if age < MIN_AGE:
                 continue
             run = here / _run_name(d)
-            if kind == "set-aside run" and not (run / MANIFEST_NAME).exists():
-                kind = "set-aside run (its replacement is missing: move it back by hand)"
-            size, age = _size_and_age(path)
             out.append(Leftover(uri=to_uri(run), kind=kind, bytes=size, age=age, ref=str(path)))
         if len(here.parts) - base >= depth:
             dirnames.clear()
@@ -147,15 +179,35 @@ def delete_dir_leftover(leftover: Leftover) -> None:
     """Remove one leftover :func:`dir_leftovers` listed, checked again first."""
     path = Path(leftover.ref)
     kind = _kind(path.name)
-    if kind is None or leftover.kind != kind:
+    if kind is None or leftover.kind != kind or kind == "set-aside run" or path.is_symlink():
         raise DestinationError(f"{path} is not a leftover raysync removes", uri=leftover.uri)
-    if in_use(path):
-        raise RunExistsError("an export is using this staging directory again", uri=leftover.uri)
-    remove_tree(path)
+    # Held exclusively while it goes: an export (a retry reusing the name) waits or fails.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return  # gone already
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise RunExistsError(
+                "an export is using this staging directory again", uri=leftover.uri
+            ) from e
+        if kind == "shard area" and in_use(path):
+            raise RunExistsError("a shard of this run is being written", uri=leftover.uri)
+        remove_tree(path)
+    finally:
+        os.close(fd)
 
 
 def delete_dir_run(path: Path, uri: str) -> int:
     """Delete the committed run at ``path``; the bytes freed."""
+    if path.is_symlink():
+        raise DestinationError(
+            "this is a symbolic link to a run; raysync removes runs by their own path",
+            uri=uri,
+            hint="give the run's real path",
+        )
     manifest = read_committed(path, uri=uri)
     if manifest is None:
         raise DestinationError(
@@ -165,6 +217,12 @@ def delete_dir_run(path: Path, uri: str) -> int:
         )
     listed = {f.path for f in manifest.files} | {MANIFEST_NAME}
     unlisted = [p for p in iter_files(path) if p not in listed]
+    parents = {"/".join(p.split("/")[:i]) for p in listed for i in range(1, p.count("/") + 1)}
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            rel = os.path.relpath(os.path.join(dirpath, d), path).replace(os.sep, "/")
+            if rel not in parents:
+                unlisted.append(rel + "/")  # a directory of its own (empty, or a link)
     if unlisted:
         raise RunExistsError(
             f"the run holds {unlisted[0]!r}"

@@ -29,6 +29,7 @@ from typing import Any
 from raysync import rules
 from raysync.backend import Shard
 from raysync.copy import hash_entry
+from raysync.dirgc import busy
 from raysync.dirrun import check_conflict, commit_dir, read_committed, staging_dir
 from raysync.errors import ConfigError, IntegrityError, RaySyncError, RunExistsError
 from raysync.fsops import makedirs, remove_tree
@@ -167,29 +168,10 @@ def _try_commit(area: Path, dest: Path, shard: Shard, run: dict[str, Any], uri: 
     if len(parts) < shard.count:
         return False
     final = staging_dir(dest)
+    final.mkdir()
     try:
-        merged = merge(list(parts.values()), run, shard, uri)
-        keys = {str(m.run.get("shard")): k for k, m in parts.items()}
-        for entry in merged.files:
-            src = safe_join(area / keys[str(entry.shard)], entry.path)
-            out = safe_join(final, entry.path)
-            makedirs(out.parent)
-            try:
-                os.link(src, out)
-            except OSError:  # no hard links here: a copy
-                shutil.copyfile(src, out)
-                os.chmod(out, entry.mode & 0o777)
-            probe = FileEntry(entry.path, entry.size, entry.mode, source=out)
-            hash_entry(probe, merged.checksum)
-            if probe.digest != entry.digest:  # every committed file matches (invariant 8)
-                raise IntegrityError(
-                    "a shard's file does not match its shard manifest", uri=uri, bad=[entry.path]
-                )
-        (final / MANIFEST_NAME).write_bytes(merged.to_bytes())
-        decision = check_conflict(dest, run=merged.run, conflict="error", uri=uri)
-        if decision.replace:
-            raise RunExistsError("this sharded run is already committed", uri=uri)
-        commit_dir(final, dest, decision, run=merged.run, conflict="error", uri=uri)
+        with busy(final):  # gc never takes the run being assembled for a leftover
+            _assemble(parts, area, final, dest, run, shard, uri)
     except BaseException:
         remove_tree(final)
         raise
@@ -198,6 +180,40 @@ def _try_commit(area: Path, dest: Path, shard: Shard, run: dict[str, Any], uri: 
     except (OSError, RaySyncError):
         pass  # committed; the area is a leftover for `raysync gc`
     return True
+
+
+def _assemble(
+    parts: dict[str, Manifest],
+    area: Path,
+    final: Path,
+    dest: Path,
+    run: dict[str, Any],
+    shard: Shard,
+    uri: str,
+) -> None:
+    """Link every shard's files into ``final``, verified, and rename it into place."""
+    merged = merge(list(parts.values()), run, shard, uri)
+    keys = {str(m.run.get("shard")): k for k, m in parts.items()}
+    for entry in merged.files:
+        src = safe_join(area / keys[str(entry.shard)], entry.path)
+        out = safe_join(final, entry.path)
+        makedirs(out.parent)
+        try:
+            os.link(src, out)
+        except OSError:  # no hard links here: a copy
+            shutil.copyfile(src, out)
+            os.chmod(out, entry.mode & 0o777)
+        probe = FileEntry(entry.path, entry.size, entry.mode, source=out)
+        hash_entry(probe, merged.checksum)
+        if probe.digest != entry.digest:  # every committed file matches (invariant 8)
+            raise IntegrityError(
+                "a shard's file does not match its shard manifest", uri=uri, bad=[entry.path]
+            )
+    (final / MANIFEST_NAME).write_bytes(merged.to_bytes())
+    decision = check_conflict(dest, run=merged.run, conflict="error", uri=uri)
+    if decision.replace:
+        raise RunExistsError("this sharded run is already committed", uri=uri)
+    commit_dir(final, dest, decision, run=merged.run, conflict="error", uri=uri)
 
 
 def incomplete(area: Path) -> tuple[str, str] | None:

@@ -57,6 +57,8 @@ class _Pending:
 _pending: dict[str, _Pending] = {}
 _published: set[tuple[str, str]] = set()
 _local: dict[str, Prepared] = {}
+#: Records this worker read, by job and key.
+_seen: dict[tuple[str, str], Prepared] = {}
 _lock = threading.Lock()
 
 
@@ -124,10 +126,14 @@ def lookup(key: str) -> Prepared | None:
             record = _local[key] = _make_record(pending)
         return record
     job_id = ray.get_runtime_context().get_job_id()
+    found = _seen.get((job_id, key))
+    if found is not None:
+        return found  # a job's record never changes: one GCS round trip per worker, not call
     raw = rayshim.kv_get(_kv_key(job_id, key), namespace=_KV_NAMESPACE)
     if raw is None:
         return None
-    return Prepared(**json.loads(raw))
+    record = _seen[(job_id, key)] = Prepared(**json.loads(raw))
+    return record
 
 
 def install_init_hook() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from raysync import checksum as checksum_mod
-from raysync import rayshim
+from raysync import metrics, rayshim
 from raysync.backend import Conflict, ExportOutcome, ExportRequest, Shard
 from raysync.copy import KnownDigests, reporting
 from raysync.hookspecs import ExportBackend
@@ -70,8 +70,26 @@ def export_once(
         prepared=dict(prepared or {}),
         shard=shard,
     )
-    with _progress_bar(manifest.total_bytes, target) as sink, reporting(sink):
-        outcome = backend.export(request)
+    status = str(run.get("status") or "succeeded")
+    token = metrics.backend_var.set(backend.name)
+    metrics.in_flight(backend.name, manifest.total_bytes)
+    t0 = time.perf_counter()
+    try:
+        with _progress_bar(manifest.total_bytes, target) as sink, reporting(sink):
+            outcome = backend.export(request)
+    except BaseException:
+        metrics.failed(backend.name)
+        raise
+    finally:
+        metrics.in_flight(backend.name, -manifest.total_bytes)
+        metrics.backend_var.reset(token)
+    metrics.exported(
+        backend.name,
+        "checkpoint" if status == "running" else status,
+        len(files),
+        manifest.total_bytes,
+        time.perf_counter() - t0,
+    )
     if known is not None:
         known.remember(files, began_ns)
     return files, manifest, outcome

@@ -120,3 +120,37 @@ class TemporaryDir:
 
     def cleanup(self) -> None:
         self._finalizer()
+
+
+_FS_TYPES: dict[tuple[int, str], str] = {}
+
+
+def fs_type(path: Path) -> str:
+    """The file system type of the mount holding ``path`` (``""`` when unknown); remembered
+    per device and directory (reading the mount table costs more than a small file's copy)."""
+    try:
+        key = (os.stat(path).st_dev, os.path.dirname(os.path.realpath(path)))
+    except OSError:
+        return _fs_type(path)
+    found = _FS_TYPES.get(key)
+    if found is None:
+        found = _FS_TYPES[key] = _fs_type(path)
+    return found
+
+
+def _fs_type(path: Path) -> str:
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return ""
+    best, kind = "", ""
+    target = str(path.resolve())
+    for fields in mounts:
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind

@@ -15,6 +15,7 @@ this module decides *what* goes, and never a run or an export still in progress:
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +26,7 @@ from raysync.errors import ConfigError
 from raysync.hookspecs import CleansLeftovers, DeletesRuns, ListsRuns
 from raysync.manifest import Manifest
 from raysync.redaction import logger
-from raysync.target import Target
+from raysync.target import Target, split_scheme, static_prefix
 
 log = logger("raysync")
 
@@ -154,8 +155,8 @@ class Change:
 
 
 def diff(a: Manifest, b: Manifest) -> list[Change]:
-    """Compare two runs' manifests path by path (digests compared when both runs use one
-    algorithm; sizes always)."""
+    """Compare two runs' manifests path by path: size, mode and digest (``?`` for a file of
+    the same size when the runs use different checksums: its bytes were not compared)."""
     fa = {f.path: f for f in a.files}
     fb = {f.path: f for f in b.files}
     same_algo = a.checksum == b.checksum
@@ -166,8 +167,10 @@ def diff(a: Manifest, b: Manifest) -> list[Change]:
             out.append(Change("+", path, None, y.size if y else None))
         elif y is None:
             out.append(Change("-", path, x.size, None))
-        elif x.size != y.size or (same_algo and x.digest != y.digest):
+        elif x.size != y.size or x.mode != y.mode or (same_algo and x.digest != y.digest):
             out.append(Change("*", path, x.size, y.size))
+        elif not same_algo:
+            out.append(Change("?", path, x.size, y.size))
         else:
             out.append(Change("=", path, x.size, y.size))
     return out
@@ -179,16 +182,38 @@ def root_target(target: Target) -> Target:
     return Target(uri, target.scheme, target.options, target.base_dir)
 
 
-def prune(backend: Any, target: Target, function: str, keep_last: int) -> list[str]:
-    """``isolated_export(keep_last=N)``: after a commit, remove the committed ``succeeded``
-    runs of ``function`` under the template's static root beyond the newest ``keep_last``;
-    the URIs removed. A failure is logged, never raised: the call's own run is committed."""
+def _runs_of_template(template: Target, own_uri: str, runs: Sequence[RunInfo]) -> list[RunInfo]:
+    """The runs the template can name: at its depth below its static root, matching its
+    literal parts (``exp/{name}/out`` never counts ``exp/best/keep/out`` or ``exp/x``)."""
+    path = split_scheme(template.uri)[1]
+    root = static_prefix(path)
+    suffix = path[len(root) :].lstrip("/")
+    pattern = re.compile(
+        "".join(
+            re.escape(lit) + ("[^/]+" if name is not None else "")
+            for lit, name, _, _ in string.Formatter().parse(suffix)
+        )
+    )
+    own = split_scheme(own_uri)[1].rstrip("/")
+    depth = suffix.count("/") + 1
+    base = "/".join(own.split("/")[:-depth])
+    out = []
+    for r in runs:
+        p = split_scheme(r.uri)[1].rstrip("/")
+        if p != own and p.startswith(base + "/") and pattern.fullmatch(p[len(base) + 1 :]):
+            out.append(r)
+    return out
+
+
+def prune(backend: Any, template: Target, own_uri: str, function: str, keep_last: int) -> list[str]:
+    """``isolated_export(keep_last=N)``: after a commit, keep this call's run and the N-1
+    newest other ``succeeded`` runs of ``function`` that the template names; remove the
+    rest; the URIs removed. A failure is logged, never raised: the call's run is committed."""
     removed: list[str] = []
     try:
-        root = root_target(target)
-        runs, _ = choose_runs(
-            backend.list_runs(root), keep_last=keep_last, older_than=None, function=function
-        )
+        root = root_target(template)
+        others = _runs_of_template(template, own_uri, backend.list_runs(root))
+        runs, _ = choose_runs(others, keep_last=keep_last - 1, older_than=None, function=function)
         for run in runs:
             try:
                 backend.delete_run(run_target(root, run.uri))
@@ -200,7 +225,7 @@ def prune(backend: Any, target: Target, function: str, keep_last: int) -> list[s
     return removed
 
 
-def check_keep_last(backend: Any, keep_last: Any) -> None:
+def check_keep_last(backend: Any, keep_last: Any, target: Target | None = None) -> None:
     """At decoration: a positive number, and a backend that lists and deletes runs from a
     worker."""
     if keep_last is None:
@@ -209,6 +234,9 @@ def check_keep_last(backend: Any, keep_last: Any) -> None:
         raise ConfigError(f"keep_last must be a positive number of runs, not {keep_last!r}")
     need(backend, ListsRuns, "list runs, which keep_last needs")
     need(backend, DeletesRuns, "delete runs, which keep_last needs")
+    check = getattr(backend, "check_keep_last", None)
+    if check is not None and target is not None:
+        check(target)
     if getattr(backend, "prunes_in_worker", True) is False:
         raise ConfigError(
             f"the {backend.name!r} backend cannot remove old runs from a worker",

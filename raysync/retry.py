@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from raysync import metrics
 from raysync.redaction import logger
 
 log = logger("raysync.retry")
@@ -61,5 +62,6 @@ class RetryPolicy:
                     self.retries,
                     wait,
                 )
+                metrics.retried()
                 time.sleep(wait)
         raise AssertionError("unreachable")

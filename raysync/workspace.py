@@ -103,11 +103,19 @@ def current_workspace() -> Workspace:
     return ws
 
 
+_WORKING_DIR: dict[tuple[str, str], bool] = {}
+
+
 def _has_working_dir() -> bool:
     if not ray.is_initialized():
         return False  # a direct call outside Ray: asking the runtime context would start Ray
     try:
-        return bool(ray.get_runtime_context().runtime_env.working_dir())
+        ctx = ray.get_runtime_context()
+        job = (str(ctx.gcs_address), str(ctx.get_job_id()))
+        found = _WORKING_DIR.get(job)
+        if found is None:  # a job's runtime_env is fixed for its life (per cluster and job)
+            found = _WORKING_DIR[job] = bool(ctx.runtime_env.working_dir())
+        return found
     except Exception:  # noqa: BLE001 - outside Ray, or an older runtime_env API
         return False
 

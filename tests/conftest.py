@@ -23,6 +23,7 @@ NODE_IP = "127.0.0.2"  # Ray rewrites 127.0.0.1 to the outward address; 127.0.0.
 # pytest imports this file as ``conftest`` and the tests import it as ``tests.conftest``: two
 # module objects. The running cluster's runtime_env is kept where both see it.
 _STATE_VAR = "RAYSYNC_TESTS_RAY_ENV"
+METRICS_PORT_VAR = "RAYSYNC_TESTS_METRICS_PORT"
 
 
 def ensure_ray(runtime_env: dict[str, Any] | None) -> None:
@@ -33,6 +34,7 @@ def ensure_ray(runtime_env: dict[str, Any] | None) -> None:
     if ray.is_initialized():
         stop_node2()
         ray.shutdown()
+    port = free_port(NODE_IP)
     ray.init(
         address="local",
         _node_ip_address=NODE_IP,
@@ -40,8 +42,10 @@ def ensure_ray(runtime_env: dict[str, Any] | None) -> None:
         num_cpus=8,  # logical slots: the tasks here sleep or do little I/O
         runtime_env=runtime_env,
         configure_logging=False,
+        _metrics_export_port=port,  # Prometheus text on loopback (tests/test_metrics.py)
     )
     os.environ[_STATE_VAR] = wanted
+    os.environ[METRICS_PORT_VAR] = str(port)
 
 
 def stop_ray() -> None:
@@ -226,11 +230,11 @@ def fault_proxy(moto_endpoint: str) -> Iterator[Any]:
         yield proxy
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     import socket
 
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 

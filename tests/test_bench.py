@@ -28,6 +28,8 @@ def test_bench_runs_every_backend_and_shape_and_reports_ratios_and_memory() -> N
         "--repeat", "1",
         "--calls", "5",
         "--value-size", "1",
+        "--call-count", "16",
+        "--call-workers", "2",
         "--json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,8 +40,17 @@ def test_bench_runs_every_backend_and_shape_and_reports_ratios_and_memory() -> N
     backends = report["backends"]
     assert set(backends) == {
         "fsspec", "fsspec download", "local", "rsync", "incremental fsspec", "incremental local",
-        "ray",
+        "ray", "calls",
     }  # fmt: skip
+    (calls,) = backends["calls"]["shapes"].values()
+    assert calls["files"] == 16 and calls["baseline"].startswith("bare ray task")
+    assert set(calls["results"]) == {
+        "bare ray task (files to a directory)", "raysync local", "raysync by value",
+        "raysync host",
+    }  # fmt: skip
+    assert all(r["files_per_s"] > 0 for r in calls["results"].values())
+    assert calls["cpu_ms_per_call"]["raysync local"] > calls["cpu_ms_per_call"]["bare function"]
+    assert calls["host_vs_local"] > 0
     assert backends["fsspec"]["target"].startswith("rclone serve s3 (own process, HTTPS)")
     for name in ("fsspec", "local", "rsync"):
         shapes = backends[name]["shapes"]

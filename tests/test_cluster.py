@@ -124,17 +124,50 @@ def test_32_tasks_over_both_nodes_to_host_sync_memory_stays_bounded(
         manifest = Manifest.from_bytes(got.pop(MANIFEST_NAME))
         assert manifest.run["task_id"] == r.manifest.run["task_id"]
         assert got == {f"data/{j % 7}/f{j}.bin": body(i, j) for j in range(200)}  # exactly its own
-    sink = ray.get_actor(raysync_sink_name(options), namespace=ray.get_runtime_context().namespace)
-    stats = ray.get(sink.stats.remote())
-    assert stats["received"] >= sum(r.stats.bytes for r in results)
-    assert 0 < stats["peak_held"] <= slots * chunk  # the stated bound, whatever the senders
-    assert stats["sessions"] == 0 and stats["held"] == 0
+    stats = sink_stats(options)
+    assert sum(st["received"] for st in stats) >= sum(r.stats.bytes for r in results)
+    for st in stats:  # the stated bound per sink, whatever the senders
+        assert st["peak_held"] <= slots * chunk
+        assert st["sessions"] == 0 and st["held"] == 0
+    assert max(st["peak_held"] for st in stats) > 0
 
 
-def raysync_sink_name(options: dict[str, Any]) -> str:
+def sink_stats(options: dict[str, Any]) -> list[dict[str, int]]:
+    """The stats of every sink of this job for ``options``."""
     from raysync_builtins.host import Options, sink_name
 
-    return sink_name(ray.get_runtime_context().get_job_id(), Options.parse(options))
+    opts = Options.parse(options)
+    ns = ray.get_runtime_context().namespace
+    job = ray.get_runtime_context().get_job_id()
+    sinks = [ray.get_actor(sink_name(job, opts, k), namespace=ns) for k in range(opts.sinks)]
+    return list(ray.get([s.stats.remote() for s in sinks]))
+
+
+def test_200_host_sync_calls_from_both_nodes_commit_with_the_drivers_memory_bounded(
+    node2: Node2, host: Path
+) -> None:
+    """Issue 20: many short calls from both nodes through the job's sinks; every run is
+    committed whole and each sink held at most sink_slots chunks at once."""
+    chunk, slots, sinks = 128 * 1024, 2, 4
+    options = {"chunk_size": chunk, "window": 2, "sink_slots": slots, "sinks": sinks}
+
+    @isolated_export("host://many/{i}", storage_options=options)
+    def call(i: int) -> str:
+        for j in range(5):
+            Path(f"export/f{j}.bin").write_bytes(bytes([i % 256, j]) * 1000)
+        return ray.get_runtime_context().get_node_id()
+
+    on_node2 = ray.remote(**node2.options)(call)
+    on_head = ray.remote(resources={})(call)
+    results = ray.get([(on_node2 if i % 2 else on_head).remote(i) for i in range(200)], timeout=600)
+    assert {r.value for r in results} == {node2.node_id, node2.driver_node_id}
+    for i in range(200):
+        got = files_under(host / "many" / str(i))
+        got.pop(MANIFEST_NAME)
+        assert got == {f"export/f{j}.bin": bytes([i % 256, j]) * 1000 for j in range(5)}
+    stats = sink_stats(options)
+    assert sum(st["received"] > 0 for st in stats) >= 2  # the runs spread over the sinks
+    assert all(st["peak_held"] <= slots * chunk for st in stats)  # memory: sinks x slots x chunk
 
 
 TASKS = """

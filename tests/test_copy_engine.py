@@ -15,8 +15,9 @@ import pytest
 import xxhash
 
 from raysync import checksum
-from raysync.copy import LARGE, copy_files, fs_type
+from raysync.copy import LARGE, copy_files
 from raysync.errors import ConfigError, IntegrityError, TreeError
+from raysync.fsops import fs_type
 from raysync.manifest import FileEntry, Manifest, safe_join, scan, verify_files
 
 EXPECTED = {

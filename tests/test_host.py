@@ -100,7 +100,8 @@ def test_a_dead_sink_fails_the_export_clearly_and_keeps_the_files(host: Path) ->
     def run(run_id: str) -> None:
         Path("export/result.txt").write_text("precious")
 
-    ray.kill(get_or_create_sink(Options.parse(opts)))
+    for index in range(Options.parse(opts).sinks):  # every sink of these settings
+        ray.kill(get_or_create_sink(Options.parse(opts), index))
     with pytest.raises(ExportError) as info:
         ray.get(run.remote("d1"))
     text = str(info.value)
@@ -114,6 +115,7 @@ def test_a_dead_sink_fails_the_export_clearly_and_keeps_the_files(host: Path) ->
         ({"chunk": 1}, "unknown storage_options"),
         ({"window": 0}, "positive number"),
         ({"chunk_size": 1000}, "at least 64 KiB"),
+        ({"sinks": 100}, "from 1 to 64"),
     ],
 )
 def test_bad_host_options_fail_at_decoration(options: dict[str, int], says: str) -> None:

@@ -156,14 +156,23 @@ def test_gc_removes_what_killed_exports_left_on_a_directory_and_keeps_the_rest(
     live = root / ".live.raysync-staging-0123456789ab"
     (live / "export").mkdir(parents=True)
     (live / "export" / "part.bin").write_bytes(b"x" * 1000)
+    # A user's directory that only looks like raysync's is never a leftover.
+    mine = root / ".notes.raysync-staging-mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("mine")
+    time.sleep(1.1)  # leftovers younger than a second are never removed
     with busy(live):
         code, out = _cli(capsys, dest, "gc", dest.run_uri(""), "--incomplete-older-than", "0s")
     assert code == 0, out
     assert len(out["leftovers"]) == 2 and out["bytes"] > 0
-    assert sorted(p.name for p in root.iterdir() if "raysync-staging" in p.name) == [live.name]
+    assert sorted(p.name for p in root.iterdir() if "raysync-staging" in p.name) == sorted(
+        [mine.name, live.name]
+    )
+    assert (mine / "precious.txt").read_text() == "mine"
     assert (live / "export" / "part.bin").exists()  # the live export is untouched
     assert dest.verify("done") == 0
     # Once its process lets go, it is a leftover like the others.
+    time.sleep(1.1)
     code, out = _cli(capsys, dest, "gc", dest.run_uri(""), "--incomplete-older-than", "0s")
     assert code == 0 and [x["kind"] for x in out["leftovers"]] == ["staging"]
     assert not live.exists()
@@ -180,18 +189,13 @@ def test_gc_on_s3_removes_dead_locks_objects_and_multipart_uploads(
     from raysync_builtins.blob import BlobBackend
     from raysync_builtins.blob.gc import Heartbeat
 
-    dest = make_dest(request, "s3", tmp_path)
-    opts = {**(dest.options or {}), "upload_part_size": 5 * 1024 * 1024, "engine": "fsspec"}
-    dest = Dest(dest.backend, dest.prefix, opts, fs=dest.fs, fs_root=dest.fs_root)
+    base = make_dest(request, "s3", tmp_path)
+    opts = {**(base.options or {}), "upload_part_size": 5 * 1024 * 1024, "engine": "fsspec"}
+    bucket = base.fs_root
+    dest = Dest("s3", f"s3://{bucket}/runs", opts, fs=base.fs, fs_root=f"{bucket}/runs")
     endpoint = opts["client_kwargs"]["endpoint_url"]
-    bucket = dest.prefix[len("s3://") :].split("/", 1)[0]
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
-        region_name="us-east-1",
-    )
+    creds = {"aws_access_key_id": "x", "aws_secret_access_key": "x", "region_name": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=endpoint, **creds)
 
     @ray.remote(max_retries=0)
     @isolated_export(dest.uri("{name}"), storage_options=opts)
@@ -204,49 +208,52 @@ def test_gc_on_s3_removes_dead_locks_objects_and_multipart_uploads(
         def watch() -> None:  # die once the multipart upload of big.bin has started
             import boto3
 
-            c = boto3.client(
-                "s3",
-                endpoint_url=endpoint,
-                aws_access_key_id="x",
-                aws_secret_access_key="x",
-                region_name="us-east-1",
-            )
+            c = boto3.client("s3", endpoint_url=endpoint, **creds)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 ups = c.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-                if any(name in u["Key"] for u in ups):
+                if any(f"/{name}/" in u["Key"] for u in ups):
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(0.01)
 
         threading.Thread(target=watch, daemon=True).start()
 
     ray.get(call.remote("done", False), timeout=120)
+    beats = {"env_vars": {"RAYSYNC_HEARTBEAT_SECONDS": "0.3"}}  # its lock beats fast
     with pytest.raises(ray.exceptions.WorkerCrashedError):
-        ray.get(call.remote("dead", True), timeout=120)
+        ray.get(call.options(runtime_env=beats).remote("dead", True), timeout=120)
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
     assert dest.read("dead/.raysync-lock") is not None
-    # An export in progress elsewhere under the prefix: its lock beats.
     monkeypatch.setenv("RAYSYNC_HEARTBEAT_SECONDS", "0.3")
+    # A user's own multipart uploads: one under the prefix with no raysync lock above it,
+    # one in a sibling prefix whose name starts the same: never aborted.
+    user_ups = {
+        s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        for key in ("runs/user/backup.tar", "runs-archive/x.tar")
+    }
+    # An export in progress elsewhere under the prefix: its lock beats.
     live_key = f"{dest.fs_root}/live/.raysync-lock"
     dest.fs.pipe_file(live_key, b"{}")
     dest.fs.pipe_file(f"{dest.fs_root}/live/export/part.bin", b"partial")
-    time.sleep(1.0)  # the dead export's lock is older than three heartbeats now
-
     engine, _, _ = BlobBackend._open(dest.uri("live"), opts)
     beat = Heartbeat(engine, live_key, b"{}")
     try:
-        time.sleep(0.4)
+        time.sleep(1.5)  # the dead export's lock is older than three heartbeats now
+        dest.fs.pipe_file(f"{dest.fs_root}/dead/later/readme.txt", b"put here after it died")
         code, out = _cli(capsys, dest, "gc", dest.prefix, "--incomplete-older-than", "0s")
     finally:
         beat.stop()
     assert code == 0, out
     kinds = sorted(x["kind"] for x in out["leftovers"])
     assert kinds == ["dead export (lock)", "incomplete multipart upload"], out
-    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
-    assert dest.files("dead") == {}
+    left = {u["UploadId"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+    assert left == user_ups  # the dead export's upload aborted, the user's kept
+    assert dest.files("dead") == {"later/readme.txt": b"put here after it died"}
     assert dest.read("live/export/part.bin") == b"partial"  # in progress: untouched
     assert dest.read("live/.raysync-lock") is not None
     assert dest.verify("done") == 0
+    for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+        s3.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
@@ -344,3 +351,57 @@ def test_diff_names_each_change_and_exits_1(
     doc = json.loads(capsys.readouterr().out)
     assert doc["counts"] == {"same": 1, "added": 1, "removed": 1, "changed": 1}
     assert doc["identical"] is False
+
+
+def test_keep_last_keeps_its_own_run_and_counts_only_runs_its_template_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    @isolated_export("exp/{name}/out", keep_last=2)
+    def call(name: str) -> None:
+        Path("export/x.txt").write_text(name)
+
+    for name in ("a", "b", "c"):
+        call(name=name)
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir() if (p / "out").exists()) == [
+        "b",
+        "c",
+    ]
+    # A run the user moved aside to keep, deeper than the template reaches: never counted.
+    (tmp_path / "exp" / "best").mkdir()
+    os.rename(tmp_path / "exp" / "b" / "out", tmp_path / "exp" / "best" / "b-out")
+    call(name="d")
+    call(name="e")
+    assert (tmp_path / "exp" / "best" / "b-out" / MANIFEST_NAME).exists()
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir() if (p / "out").exists()) == [
+        "d",
+        "e",
+    ]
+
+
+def test_rm_gc_and_diff_refuse_what_they_cannot_do_safely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    @isolated_export("runs/{name}", checksum="sha256")
+    def sha(name: str) -> None:
+        Path("export/f.txt").write_text("aaaa")
+
+    @isolated_export("runs/{name}")
+    def xxh(name: str) -> None:
+        Path("export/f.txt").write_text("bbbb")
+
+    sha(name="s")
+    xxh(name="x")
+    (tmp_path / "link").symlink_to(tmp_path / "runs" / "s")
+    assert main(["rm", str(tmp_path / "link")]) == 3  # a link to a run: not the run
+    assert (tmp_path / "runs" / "s" / MANIFEST_NAME).exists()
+    assert main(["gc", "/", "--keep-last", "1"]) == 2  # never the whole machine
+    capsys.readouterr()
+    assert main(["diff", "runs/s", "runs/x"]) == 1  # same size, other bytes, other checksums
+    out = capsys.readouterr().out
+    assert "? export/f.txt" in out and "1 not compared" in out
+    with pytest.raises(ConfigError, match="daemon or over ssh"):
+        isolated_export("rsync://127.0.0.1/mod/{x}", keep_last=2)

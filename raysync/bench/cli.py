@@ -11,7 +11,7 @@ from raysync.bench.plan import run
 from raysync.bench.report import format_report
 from raysync.bench.trees import SHAPES, parse_tree
 
-BACKENDS = ("fsspec", "local", "rsync", "incremental", "ray")
+BACKENDS = ("fsspec", "local", "rsync", "incremental", "ray", "calls")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--calls", type=int, default=200, help="calls per overhead timing")
     parser.add_argument("--value-size", type=int, default=64, help="MiB per by-value call")
+    parser.add_argument("--call-count", type=int, default=400, help="calls per --backend calls")
+    parser.add_argument("--call-files", type=int, default=10, help="files each call writes")
+    parser.add_argument("--call-file-size", type=int, default=2048, help="bytes per file")
+    parser.add_argument("--call-workers", type=int, default=8, help="Ray worker slots")
     parser.add_argument(
         "--endpoint", help="S3 API URL (default: a local server it starts, --s3-server)"
     )

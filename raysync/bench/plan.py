@@ -209,6 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         get_registry()  # load the backends before any timing
         groups = plan(args, stack, Path(tmp))
         ray_steps = 4 * args.repeat if "ray" in args.backend else 0
+        ray_steps += 4 * args.repeat if "calls" in args.backend else 0
         progress = Progress(
             sum(len(g.contenders) for g in groups) * args.repeat + ray_steps, args.quiet
         )
@@ -218,6 +219,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     g.backend, {"target": _target_label(g.backend, args), "shapes": {}}
                 )
                 entry["shapes"][g.shape] = measure(g, args, progress)
+            if "calls" in args.backend:
+                from raysync.bench.calls import calls_throughput
+
+                result = calls_throughput(args, progress)
+                report["backends"]["calls"] = {
+                    "target": "a local Ray; files/s is calls/s",
+                    "shapes": {result.pop("shape"): result},
+                }
             if "ray" in args.backend:
                 report["backends"]["ray"] = {
                     "target": "a local Ray (2 CPUs); files/s is calls/s",

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from raysync.copy import fs_type
+from raysync.fsops import fs_type
 
 
 def _version(dist: str) -> str | None:
@@ -85,4 +85,12 @@ def format_report(report: dict[str, Any]) -> str:
                     f"  {name:<46} {r['files_per_s']:>10,.1f} {r['mb_per_s']:>9,.1f} "
                     f"{peak:>9} {r['ratio_to_best_baseline']:>6.2f}"
                 )
+            cpu = s.get("cpu_ms_per_call")
+            if cpu:
+                lines.append(
+                    "  CPU ms per call (direct calls): "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+                )
+            if "host_vs_local" in s:
+                lines.append(f"  host-sync / local-copy calls/s: {s['host_vs_local']:.2f}")
     return "\n".join(lines)

@@ -6,11 +6,13 @@ to a *sink* actor pinned to the driver's node (node-affinity scheduling, hard), 
 them into a staging directory next to the run, checks every file's size and digest against
 the worker's manifest, writes the manifest and renames the staging directory into place.
 
-Memory: the worker keeps at most ``window`` chunks of ``chunk_size`` bytes in flight; the sink
+Memory: the worker keeps at most ``window`` chunks of ``chunk_size`` bytes in flight; each sink
 holds at most ``sink_slots`` chunks at once, whatever the number of senders (write calls
-carry object refs, which the sink fetches only when a slot is free). So the sink's data in
-memory is bounded by ``sink_slots * chunk_size`` (32 MiB by default), and a sender by
-``window * chunk_size`` (32 MiB): back-pressure, not unbounded queues.
+carry object refs, which the sink fetches only when a slot is free). A job has ``sinks`` sinks
+(4 by default), processes on the driver's node that receive in parallel; a run always goes to
+the same one. So the sinks' data in memory is bounded by ``sinks * sink_slots * chunk_size``
+(128 MiB by default), and a sender by ``window * chunk_size`` (32 MiB): back-pressure, not
+unbounded queues.
 """
 
 from __future__ import annotations
@@ -41,7 +43,13 @@ from raysync.errors import ConfigError, DestinationError, ExportError, RaySyncEr
 from raysync.manifest import FileEntry, Manifest
 from raysync.result import ExportResult
 from raysync.target import Target
-from raysync_builtins.host.sink import Options, get_or_create_sink, sink_key, sink_name
+from raysync_builtins.host.sink import (
+    Options,
+    get_or_create_sink,
+    sink_index,
+    sink_key,
+    sink_name,
+)
 
 
 def chunks(
@@ -95,13 +103,17 @@ class HostSyncBackend:
             raise DestinationError(f"cannot create {root}: {e}", uri=f"host://{root}") from e
         if not ray.is_initialized():
             return {"root": str(root)}
-        sink = get_or_create_sink(opts)
         ctx = ray.get_runtime_context()
-        key = sink_key((ctx.gcs_address, sink_name(ctx.get_job_id(), opts)))
-        ray.get(sink.allow.remote(os.path.normpath(root), key))
+        allowed = []
+        for index in range(opts.sinks):
+            sink = get_or_create_sink(opts, index)
+            key = sink_key((ctx.gcs_address, sink_name(ctx.get_job_id(), opts, index)))
+            allowed.append(sink.allow.remote(os.path.normpath(root), key))
+        ray.get(allowed)
         return {
             "root": str(root),
             "sink": sink_name(ctx.get_job_id(), opts),
+            "sinks": str(opts.sinks),
             "namespace": ctx.namespace,
         }
 
@@ -117,7 +129,7 @@ class HostSyncBackend:
                 hint="call ray.init() before decorating or calling the function",
             )
         try:
-            sink = ray.get_actor(name, namespace=request.prepared.get("namespace"))
+            sink = _sink_for(request.prepared, str(dest))
         except ValueError as e:
             raise self._gone(request, uri) from e
         sid = None
@@ -161,6 +173,7 @@ class HostSyncBackend:
                 raise e.cause from None
             raise
         except ray.exceptions.RayActorError as e:
+            _HANDLES.clear()
             raise self._gone(request, uri) from e
         except BaseException:
             if sid is not None:
@@ -213,7 +226,7 @@ class HostSyncBackend:
         if not name or not ray.is_initialized():
             raise DestinationError("host:// needs Ray: the driver's sink serves the run", uri=uri)
         try:
-            sink = ray.get_actor(name, namespace=prepared.get("namespace"))
+            sink = _sink_for(prepared, str(dest))
         except ValueError as e:
             raise DestinationError(
                 "the driver's sink actor is gone (did the driver exit?)", uri=uri
@@ -233,6 +246,22 @@ class HostSyncBackend:
             overwrite=overwrite,
             hint="host:// runs live on the driver's machine: materialize there",
         )
+
+
+#: Sink handles this worker looked up (a lookup is a round trip to the GCS per call).
+_HANDLES: dict[tuple[str | None, str], Any] = {}
+
+
+def _sink_for(prepared: Mapping[str, str], dest: str) -> Any:
+    """The sink that serves the run at ``dest`` (a hash of the path picks one of the job's
+    sinks, so a run and its retries always meet the same one)."""
+    base, namespace = prepared["sink"], prepared.get("namespace")
+    index = sink_index(dest, int(prepared.get("sinks", "1")))
+    name = base if index == 0 else f"{base}-{index}"
+    handle = _HANDLES.get((namespace, name))
+    if handle is None:
+        handle = _HANDLES[(namespace, name)] = ray.get_actor(name, namespace=namespace)
+    return handle
 
 
 class SinkReader(RunReader):

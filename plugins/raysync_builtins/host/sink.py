@@ -4,6 +4,7 @@ and how the driver creates it (one per job and sink settings, pinned to its node
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import resource
 import secrets
@@ -53,6 +54,9 @@ class Options:
     sink_slots: int = 4
     #: Seconds a session may stay silent before the sink drops it (its worker died).
     idle_timeout: float = 600.0
+    #: Sink actors per job and settings, each a process on the driver's node receiving in
+    #: parallel; a run always goes to the same one (chosen by a hash of its path).
+    sinks: int = 4
 
     @classmethod
     def parse(cls, options: Mapping[str, Any]) -> Options:
@@ -66,6 +70,8 @@ class Options:
             if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
                 raise ConfigError(f"storage_options[{k!r}] must be a positive number, not {v!r}")
         opts = cls(**options)
+        if opts.sinks != int(opts.sinks) or not 1 <= opts.sinks <= 64:
+            raise ConfigError("storage_options['sinks'] must be a whole number from 1 to 64")
         if opts.chunk_size < 64 * 1024:
             raise ConfigError("storage_options['chunk_size'] must be at least 64 KiB")
         return opts
@@ -403,9 +409,15 @@ def _check_staged(staging: Path, manifest: Manifest, dest: Path, linked: set[str
         raise IntegrityError("files arrived damaged or incomplete", uri=f"host://{dest}", bad=bad)
 
 
-def sink_name(job_id: str, opts: Options) -> str:
-    """One sink per job and sink settings (targets with other settings get their own)."""
-    return f"{SINK_PREFIX}-{job_id}-{opts.sink_slots}-{opts.idle_timeout:g}"
+def sink_name(job_id: str, opts: Options, index: int = 0) -> str:
+    """Sink ``index`` of a job and sink settings (targets with other settings get their own)."""
+    base = f"{SINK_PREFIX}-{job_id}-{opts.sink_slots}-{opts.idle_timeout:g}"
+    return base if index == 0 else f"{base}-{index}"
+
+
+def sink_index(dest: str, sinks: int) -> int:
+    """Which of ``sinks`` sinks serves the run at ``dest`` (always the same one)."""
+    return int(hashlib.sha256(dest.encode()).hexdigest()[:8], 16) % max(1, sinks)
 
 
 #: The driver keeps a handle on each sink it creates: an actor whose handles are all gone is
@@ -413,12 +425,12 @@ def sink_name(job_id: str, opts: Options) -> str:
 _SINKS: dict[tuple[str, str], Any] = {}
 
 
-def get_or_create_sink(opts: Options) -> Any:
-    """On the driver: the sink actor for these settings, pinned to this node."""
+def get_or_create_sink(opts: Options, index: int = 0) -> Any:
+    """On the driver: sink ``index`` for these settings, pinned to this node."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ctx = ray.get_runtime_context()
-    key = (ctx.gcs_address, sink_name(ctx.get_job_id(), opts))
+    key = (ctx.gcs_address, sink_name(ctx.get_job_id(), opts, index))
     sink = _SINKS.get(key)
     if sink is None:
         sink = _SINKS[key] = (

@@ -274,6 +274,10 @@ class RsyncBackend(RemoteRuns):
             )
         return Path(remote.path)
 
+    def check_keep_last(self, target: Target) -> None:
+        """keep_last deletes runs: only on a mount (refused at decoration otherwise)."""
+        self._mount(target.with_uri(target.uri.replace("{", "x").replace("}", "x")), "keep_last")
+
     def delete_run(self, target: Target) -> int:
         path = self._mount(target, "removing runs")
         return delete_dir_run(path, f"rsync://{path}")
