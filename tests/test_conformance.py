@@ -88,3 +88,16 @@ class TestHostSync(BackendConformance):
     @pytest.fixture
     def conformance_target(self, host: Path) -> ConformanceTarget:
         return ConformanceTarget(uri="host://runs/{run}", base_dir=host)
+
+
+class TestHostSyncThroughTheSink(BackendConformance):
+    """The same guarantees when every run goes through a sink actor (``direct=False``: what
+    a worker on another node does)."""
+
+    backend_name = "host"
+
+    @pytest.fixture
+    def conformance_target(self, host: Path) -> ConformanceTarget:
+        return ConformanceTarget(
+            uri="host://runs/{run}", storage_options={"direct": False}, base_dir=host
+        )

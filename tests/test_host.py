@@ -15,7 +15,8 @@ from raysync.errors import ConfigError, DestinationError, ExportError, RunExists
 from raysync.manifest import MANIFEST_NAME, Manifest, verify_files
 from tests.conftest import files_under, kept_workspace
 
-SMALL_CHUNKS = {"chunk_size": 1024 * 1024, "window": 2}
+# Through a sink (a worker on the driver's node would write directly): the protocol under test.
+SMALL_CHUNKS = {"chunk_size": 1024 * 1024, "window": 2, "direct": False}
 
 
 def tree(seed: int) -> dict[str, bytes]:
@@ -93,7 +94,7 @@ def test_a_dead_sink_fails_the_export_clearly_and_keeps_the_files(host: Path) ->
     from raysync_builtins.host import Options, get_or_create_sink
 
     # Its own sink settings, so that killing it does not touch the other tests' sink.
-    opts = {"sink_slots": 3}
+    opts = {"sink_slots": 3, "direct": False}
 
     @ray.remote(max_retries=0)
     @isolated_export("host://doomed/{run_id}", storage_options=opts)

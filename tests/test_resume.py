@@ -349,24 +349,35 @@ def test_two_spellings_of_one_directory_share_one_lease(tmp_path: Path) -> None:
 
 
 def test_overwrite_calls_with_sync_every_still_run_side_by_side(tmp_path: Path) -> None:
-    """conflict="overwrite" lets two calls write one run: a checkpoint of the second never
-    fails on the first one's lease (it goes on without one)."""
-    gate = threading.Barrier(2)
+    """conflict="overwrite" lets two calls write one run: a checkpoint of the second, while
+    the first is alive and holds the lease, goes on without the lease instead of failing."""
+    a_checkpointed, b_checkpointed = threading.Event(), threading.Event()
+    a_finished = threading.Event()
 
     @isolated_export(str(tmp_path / "{name}"), chdir=False, conflict="overwrite")
     def call(name: str, who: str) -> int:
         raysync.current_workspace().export_dir.joinpath(f"{who}.txt").write_text(who)
-        first = raysync.checkpoint().number
-        gate.wait(30)
-        return first
+        if who == "b":
+            assert a_checkpointed.wait(30)
+        number = raysync.checkpoint().number
+        if who == "a":
+            a_checkpointed.set()
+            assert b_checkpointed.wait(30)  # alive, holding the lease, while b checkpoints
+        else:
+            b_checkpointed.set()
+            assert a_finished.wait(30)  # the final exports one after the other
+        return number
 
-    out: list[Any] = []
-    threads = [threading.Thread(target=lambda w=w: out.append(call(name="x", who=w))) for w in "ab"]
+    out: dict[str, Any] = {}
+    threads = [
+        threading.Thread(target=lambda w=w: out.setdefault(w, call(name="x", who=w))) for w in "ab"
+    ]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(60)
-    assert len(out) == 2 and [r.value for r in out] == [1, 1]
+    threads[0].join(60)
+    a_finished.set()
+    threads[1].join(60)
+    assert sorted(out) == ["a", "b"] and out["a"].value == 1 and out["b"].value == 1
 
 
 def test_a_continuation_replaces_only_the_checkpoint_it_resumed() -> None:

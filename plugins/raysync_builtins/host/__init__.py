@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 import raysync
-from raysync import checksum
+from raysync import checksum, dirshards
 from raysync.backend import (
     Capabilities,
     ExportOutcome,
@@ -36,11 +36,21 @@ from raysync.backend import (
     RunInfo,
     RunReader,
 )
-from raysync.copy import hashed_source, plan_reuse
-from raysync.dirgc import delete_dir_leftover, delete_dir_run, dir_leftovers
-from raysync.dirrun import DirReader, list_dir_runs, materialize_dir
+from raysync.copy import copy_files, hashed_source, plan_reuse
+from raysync.dirgc import busy, delete_dir_leftover, delete_dir_run, dir_leftovers
+from raysync.dirrun import (
+    DirReader,
+    check_conflict,
+    check_visible,
+    commit_dir,
+    list_dir_runs,
+    materialize_dir,
+    prepare_root,
+    staging_dir,
+)
 from raysync.errors import ConfigError, DestinationError, ExportError, RaySyncError
-from raysync.manifest import FileEntry, Manifest
+from raysync.fsops import makedirs, remove_tree
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
 from raysync.result import ExportResult
 from raysync.target import Target
 from raysync_builtins.host.sink import (
@@ -79,6 +89,11 @@ def chunks(
         yield items, bytes(buf)
 
 
+#: A run at most this large goes to the sink in one call, its bytes inline (the sink holds at
+#: most max_concurrency of them: 1,000 x 256 KiB per sink in the worst case).
+SMALL_RUN = 256 * 1024
+
+
 class HostSyncBackend:
     """Streams each call's files through the object store to the driver's machine."""
 
@@ -111,10 +126,11 @@ class HostSyncBackend:
             allowed.append(sink.allow.remote(os.path.normpath(root), key))
         ray.get(allowed)
         return {
-            "root": str(root),
+            **prepare_root(root),  # a worker on this very machine writes directly
             "sink": sink_name(ctx.get_job_id(), opts),
             "sinks": str(opts.sinks),
             "namespace": ctx.namespace,
+            "node": ctx.get_node_id(),
         }
 
     def export(self, request: ExportRequest) -> ExportOutcome:
@@ -128,15 +144,30 @@ class HostSyncBackend:
                 uri=uri,
                 hint="call ray.init() before decorating or calling the function",
             )
+        if opts.direct and _on_drivers_machine(request.prepared, dest, uri):
+            return _export_here(request, dest, uri)
         try:
             sink = _sink_for(request.prepared, str(dest))
         except ValueError as e:
             raise self._gone(request, uri) from e
         sid = None
         reused: list[FileEntry] = []
+        small = request.shard is None and request.manifest.total_bytes <= SMALL_RUN
         try:
             job_id = ray.get_runtime_context().get_job_id()
             run = dict(request.manifest.run)
+            if small:  # one round trip: most calls write a few small files
+                packed = list(chunks(request.files, opts.chunk_size, request.manifest.checksum))
+                items = packed[0][0] if packed else []
+                refs = [packed[0][1]] if packed else []  # inline: smaller than a put
+                del packed
+                committed = ray.get(
+                    sink.put_small.remote(
+                        str(dest), run, request.conflict, job_id, items, refs,
+                        request.manifest.to_bytes(),
+                    )
+                )  # fmt: skip
+                return ExportOutcome(uri=f"host://{committed}", payload=Location(committed))
             sid, committed_bytes = ray.get(
                 sink.open.remote(str(dest), run, request.conflict, job_id, request.shard)
             )
@@ -246,6 +277,57 @@ class HostSyncBackend:
             overwrite=overwrite,
             hint="host:// runs live on the driver's machine: materialize there",
         )
+
+
+def _on_drivers_machine(prepared: Mapping[str, str], dest: Path, uri: str) -> bool:
+    """This worker runs on the driver's node and sees the driver's root (its token): it can
+    commit the run itself, as local-copy does, without the round trip through a sink."""
+    if not prepared.get("token") or prepared.get("node") != ray.get_runtime_context().get_node_id():
+        return False
+    try:
+        check_visible(prepared, dest, uri)
+    except DestinationError:
+        return False
+    return True
+
+
+def _export_here(request: ExportRequest, dest: Path, uri: str) -> ExportOutcome:
+    """The directory-run protocol, from a worker on the driver's machine."""
+    run = request.manifest.run
+    if request.shard is not None:
+        if not dirshards.check_dest(dest, run, uri, request.shard):
+            return ExportOutcome(uri=uri, payload=Location(str(dest)), committed=False)
+        staged = dirshards.stage_dir(dest, request.shard)
+        with busy(staged):
+            try:
+                _copy_into(request, staged)
+            except BaseException:
+                remove_tree(staged)
+                raise
+            whole = dirshards.commit_shard(staged, dest, request.manifest, request.shard, uri)
+        return ExportOutcome(uri=uri, payload=Location(str(dest)), committed=whole)
+    decision = check_conflict(dest, run=run, conflict=request.conflict, uri=uri)
+    staging = staging_dir(dest)
+    makedirs(dest.parent)
+    staging.mkdir()
+    with busy(staging):
+        try:
+            _copy_into(request, staging)
+            (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
+            commit_dir(staging, dest, decision, run=run, conflict=request.conflict, uri=uri)
+        except BaseException:
+            remove_tree(staging)
+            raise
+    return ExportOutcome(uri=uri, payload=Location(str(dest)))
+
+
+def _copy_into(request: ExportRequest, staging: Path) -> None:
+    jobs: list[tuple[FileEntry, str | Path]] = []
+    for entry in request.files:
+        out = safe_join(staging, check_relpath(entry.path))
+        makedirs(out.parent)
+        jobs.append((entry, out))
+    copy_files(jobs, request.checksum, dest_fs=staging)
 
 
 #: Sink handles this worker looked up (a lookup is a round trip to the GCS per call).

@@ -57,6 +57,9 @@ class Options:
     #: Sink actors per job and settings, each a process on the driver's node receiving in
     #: parallel; a run always goes to the same one (chosen by a hash of its path).
     sinks: int = 4
+    #: A worker on the driver's node commits the run itself (as local-copy does), without the
+    #: round trip through a sink; ``False`` sends every run through a sink.
+    direct: bool = True
 
     @classmethod
     def parse(cls, options: Mapping[str, Any]) -> Options:
@@ -67,6 +70,10 @@ class Options:
                 hint=f"its options are {sorted(cls.__dataclass_fields__)}",
             )
         for k, v in options.items():
+            if k == "direct":
+                if not isinstance(v, bool):
+                    raise ConfigError(f"storage_options['direct'] must be True or False, not {v!r}")
+                continue
             if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
                 raise ConfigError(f"storage_options[{k!r}] must be a positive number, not {v!r}")
         opts = cls(**options)
@@ -299,6 +306,37 @@ class HostSink:
             raise
         self._end(sid)
         return str(session.dest), committed
+
+    async def put_small(
+        self,
+        dest: str,
+        run: dict[str, Any],
+        conflict: str,
+        job_id: str,
+        items: list[tuple[str, int, int]],
+        refs: list[Any],
+        manifest_bytes: bytes,
+    ) -> str:
+        """A run that fits in one chunk, in one call: :meth:`open`, :meth:`write` and
+        :meth:`commit` (three round trips are most of a small run's cost). The chunk is still
+        fetched only once a slot is free."""
+        sid, _ = await self.open(dest, run, conflict, job_id)
+        try:
+            if items:
+                session = self._session(sid)
+                async with self.slots:
+                    data = refs[0] if isinstance(refs[0], bytes) else await refs[0]
+                    self.held += len(data)
+                    self.peak_held = max(self.peak_held, self.held)
+                    try:
+                        _write_items(session.staging, items, data)
+                    finally:
+                        self.held -= len(data)
+                self.received += len(data)
+        except BaseException:
+            self._drop(sid)
+            raise
+        return await self.commit(sid, manifest_bytes)
 
     async def abort(self, sid: str) -> None:
         self._drop(sid)
