@@ -36,7 +36,13 @@ import pytest
 from raysync import checksum
 from raysync.errors import ConfigError, MaterializeError, RaySyncError, RunExistsError
 from raysync.exporting import export_once, prepare
-from raysync.hookspecs import DeletesRuns, ExportBackend, OpensRuns, ResumesRuns
+from raysync.hookspecs import (
+    CleansLeftovers,
+    DeletesRuns,
+    ExportBackend,
+    OpensRuns,
+    ResumesRuns,
+)
 from raysync.manifest import FileEntry, scan
 from raysync.registry import get_registry
 from raysync.result import ExportResult, ExportStats
@@ -282,6 +288,25 @@ class BackendConformance:
         assert self._read(kept, tmp_path, "export/k.txt") == b"k"
         # The deleted run's URI is free again for any call.
         self.export(ct, self.workspace(tmp_path, {"export/v.txt": b"2"}), run, task_id="task-9")
+
+    def test_a_committed_run_is_never_a_leftover(
+        self, conformance_target: ConformanceTarget, tmp_path: Path
+    ) -> None:
+        """``list_leftovers`` (``raysync gc``) lists what dead exports left, never a run."""
+        backend = self.backend()
+        if not conformance_target.has_destination or not isinstance(backend, CleansLeftovers):
+            pytest.skip("the backend has no list_leftovers hook")
+        ct, run = conformance_target, self.run_id()
+        self.export(ct, self.workspace(tmp_path, {"export/a.txt": b"a"}), run)
+        rendered = self.target(ct, run)
+        root = Target(
+            rendered.uri.rsplit("/", 1)[0], rendered.scheme, rendered.options, rendered.base_dir
+        )
+        try:
+            found = backend.list_leftovers(root)
+        except ConfigError as e:
+            pytest.skip(f"this kind of destination cannot list leftovers: {e}")
+        assert [x for x in found if x.uri.rstrip("/").endswith(run)] == []
 
     def test_unknown_storage_options_fail_in_check(
         self, conformance_target: ConformanceTarget

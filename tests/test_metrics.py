@@ -24,14 +24,16 @@ def _scrape() -> str:
         return str(r.read().decode())
 
 
-def _total(text: str, name: str, **labels: str) -> float:
-    """The sum over every worker's series of ``name`` with ``labels``."""
+def _total(text: str, name: str, workers: set[str], **labels: str) -> float:
+    """The sum of ``name`` with ``labels`` over the series of ``workers`` (Ray labels each
+    worker's series with its id)."""
     total = 0.0
     for line in text.splitlines():
-        if not line.startswith(f"ray_{name}_total{{") and not line.startswith(f"ray_{name}{{"):
+        if not line.startswith(f"ray_{name}_total{{"):
             continue
-        if line.startswith(f"ray_{name}{{") and f"ray_{name}_total{{" in text:
-            continue  # the gauge Ray also exports for a counter: count the counter once
+        worker = re.search(r'WorkerId="([0-9a-f]+)"', line)
+        if worker is None or worker.group(1) not in workers:
+            continue
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -40,38 +42,39 @@ def _total(text: str, name: str, **labels: str) -> float:
 def test_exports_show_in_rays_prometheus_endpoint_tagged_by_backend_only(
     ray_wd: Path, tmp_path: Path, moto_endpoint: str, bucket: str
 ) -> None:
-    before = _scrape()
-    files0 = _total(before, "raysync_exported_files", backend="local")
-    bytes0 = _total(before, "raysync_exported_bytes", backend="local")
-    ok0 = _total(before, "raysync_exports", backend="local", status="succeeded")
+    # Fresh workers (their own runtime_env): their counters start at zero.
+    fresh = {"env_vars": {"RAYSYNC_TEST_METRICS": tmp_path.name}}
 
-    @ray.remote(max_retries=0)
+    @ray.remote(max_retries=0, runtime_env=fresh)
     @isolated_export(str(tmp_path / "runs/{name}"))
-    def local_call(name: str) -> None:
+    def local_call(name: str) -> str:
         Path("export/a.bin").write_bytes(b"a" * 1000)
         Path("export/b.bin").write_bytes(b"b" * 500)
+        return str(ray.get_runtime_context().get_worker_id())
 
     options = {**s3_options(moto_endpoint), "secret": CANARY}
 
-    @ray.remote(max_retries=0)
+    @ray.remote(max_retries=0, runtime_env=fresh)
     @isolated_export(f"s3://{bucket}/runs/{{name}}", storage_options=options)
-    def s3_call(name: str) -> None:
+    def s3_call(name: str) -> str:
         Path("export/c.bin").write_bytes(b"c" * 300)
+        return str(ray.get_runtime_context().get_worker_id())
 
-    ray.get([local_call.remote(f"m{i}") for i in range(3)], timeout=120)
-    ray.get(s3_call.remote("s"), timeout=120)
+    results = ray.get([local_call.remote(f"m{i}") for i in range(3)], timeout=120)
+    workers = {r.value for r in results}
+    workers.add(ray.get(s3_call.remote("s"), timeout=120).value)
     deadline = time.monotonic() + 60
     while True:
         text = _scrape()
-        files = _total(text, "raysync_exported_files", backend="local") - files0
+        files = _total(text, "raysync_exported_files", workers, backend="local")
         if files >= 6 or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert files == 6
-    assert _total(text, "raysync_exported_bytes", backend="local") - bytes0 == 3 * 1500
-    assert _total(text, "raysync_exports", backend="local", status="succeeded") - ok0 == 3
+    assert _total(text, "raysync_exported_bytes", workers, backend="local") == 3 * 1500
+    assert _total(text, "raysync_exports", workers, backend="local", status="succeeded") == 3
+    assert _total(text, "raysync_exported_bytes", workers, backend="fsspec") == 300
     assert re.search(r'ray_raysync_export_seconds_bucket\{[^}]*backend="local"', text)
-    assert re.search(r'ray_raysync_exported_bytes_total\{[^}]*backend="fsspec"', text)
     raysync_lines = [line for line in text.splitlines() if "raysync_" in line]
     for needle in (CANARY, bucket, str(tmp_path), "runs/m", "testing-key-id"):
         assert not any(needle in line for line in raysync_lines), needle

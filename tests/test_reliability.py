@@ -310,7 +310,10 @@ gcs, info = sys.argv[1], sys.argv[2]
 ray.init(address=gcs, _node_ip_address="127.0.0.2", log_to_driver=False)
 
 @ray.remote
-@isolated_export("host://out/{run_id}", storage_options={"chunk_size": 65536, "window": 1})
+@isolated_export(
+    "host://out/{run_id}",
+    storage_options={"chunk_size": 65536, "window": 1, "direct": False},  # through the sink
+)
 def run(run_id, info):
     Path(info, "workspace").write_text(f"{raysync.current_workspace().root} {os.getpid()}")
     Path("data/big.bin").write_bytes(bytes(range(256)) * 160_000)  # 40 MB

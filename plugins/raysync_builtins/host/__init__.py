@@ -43,6 +43,7 @@ from raysync.dirrun import (
     check_conflict,
     check_visible,
     commit_dir,
+    link_reused,
     list_dir_runs,
     materialize_dir,
     prepare_root,
@@ -307,27 +308,44 @@ def _export_here(request: ExportRequest, dest: Path, uri: str) -> ExportOutcome:
             whole = dirshards.commit_shard(staged, dest, request.manifest, request.shard, uri)
         return ExportOutcome(uri=uri, payload=Location(str(dest)), committed=whole)
     decision = check_conflict(dest, run=run, conflict=request.conflict, uri=uri)
+    # Incremental: what the run being replaced holds unchanged is linked (and re-hashed).
+    reuse = plan_reuse(request.files, decision.previous, request.checksum)
     staging = staging_dir(dest)
     makedirs(dest.parent)
     staging.mkdir()
     with busy(staging):
         try:
-            _copy_into(request, staging)
+            linked = _copy_into(request, staging, dest, reuse)
             (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
             commit_dir(staging, dest, decision, run=run, conflict=request.conflict, uri=uri)
         except BaseException:
             remove_tree(staging)
             raise
-    return ExportOutcome(uri=uri, payload=Location(str(dest)))
+    reused = [e for e in request.files if e.path in linked]
+    return ExportOutcome(
+        uri=uri,
+        payload=Location(str(dest)),
+        extra_stats={"reused_files": len(reused), "reused_bytes": sum(e.size for e in reused)},
+    )
 
 
-def _copy_into(request: ExportRequest, staging: Path) -> None:
-    jobs: list[tuple[FileEntry, str | Path]] = []
+def _copy_into(
+    request: ExportRequest, staging: Path, dest: Path | None = None, reuse: set[str] | None = None
+) -> set[str]:
+    """Copy the files into ``staging``, linking those in ``reuse`` from the run at ``dest``
+    (re-hashed); the paths linked."""
+    outs: list[tuple[FileEntry, Path]] = []
     for entry in request.files:
         out = safe_join(staging, check_relpath(entry.path))
         makedirs(out.parent)
-        jobs.append((entry, out))
+        outs.append((entry, out))
+    linked: set[str] = set()
+    if dest is not None and reuse:
+        pairs = [(e, safe_join(dest, e.path), str(o)) for e, o in outs if e.path in reuse]
+        linked = link_reused(pairs, request.checksum)
+    jobs: list[tuple[FileEntry, str | Path]] = [(e, o) for e, o in outs if e.path not in linked]
     copy_files(jobs, request.checksum, dest_fs=staging)
+    return linked
 
 
 #: Sink handles this worker looked up (a lookup is a round trip to the GCS per call).
