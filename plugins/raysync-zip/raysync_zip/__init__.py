@@ -17,7 +17,14 @@ from typing import Any
 
 import raysync
 from raysync import rules
-from raysync.backend import Capabilities, ExportOutcome, ExportRequest, Location, RunReader
+from raysync.backend import (
+    Capabilities,
+    ExportOutcome,
+    ExportRequest,
+    Leftover,
+    Location,
+    RunReader,
+)
 from raysync.copy import CHUNK, hashed_source
 from raysync.errors import (
     ConfigError,
@@ -153,6 +160,14 @@ class ZipBackend:
         size = int(fs.size(path))
         fs.rm_file(path)
         return size
+
+    def list_leftovers(self, target: Target) -> list[Leftover]:
+        """None: an archive is built in the worker's temporary directory and written as one
+        object, so a dead export leaves nothing at the destination."""
+        return []
+
+    def delete_leftover(self, target: Target, leftover: Leftover) -> None:
+        raise MaterializeError(f"the zip backend leaves no leftovers ({leftover.uri})")
 
     def resume_reader(self, target: Target, prepared: Mapping[str, str]) -> RunReader:
         return self.open_run(target)
