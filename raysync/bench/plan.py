@@ -7,6 +7,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -53,6 +54,8 @@ def plan(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) -> li
     to_s3 = target.startswith("s3://")
     if ("fsspec" in backends or incremental) and (to_s3 or not target):
         s3 = _s3(args, stack, tmp)
+        if s3 is not None:  # its downloads (up to GiBs) go when the bench ends
+            stack.callback(shutil.rmtree, s3.download_dir, True)
         if s3 is not None and "fsspec" in backends:
             groups += _s3_groups(s3, args)
         if s3 is not None and incremental:
