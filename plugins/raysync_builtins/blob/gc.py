@@ -47,6 +47,17 @@ def heartbeat() -> float:
         return 10.0
 
 
+# Stores give object times to the second (S3's listings do): an age read from them can be up
+# to this much longer than the real one, so a live lock's age is only trusted beyond it.
+TIME_RESOLUTION = 1.0
+
+
+def grace() -> float:
+    """How old a lock, shard area or upload must look before it counts as dead: three
+    missed heartbeats, plus the store's time resolution."""
+    return 3 * heartbeat() + TIME_RESOLUTION
+
+
 class Heartbeat:
     """Re-writes ``key`` with ``body`` every :func:`heartbeat` seconds until :meth:`stop`."""
 
@@ -90,7 +101,7 @@ def store_now(engine: Engine, prefix: str) -> float:
 
 
 def _live(found: dict[str, Any], key: str, now: float) -> bool:
-    return key in found and _age(found[key], now) < 3 * heartbeat()
+    return key in found and _age(found[key], now) < grace()
 
 
 class BlobGc:
@@ -219,7 +230,7 @@ class BlobGc:
         out = []
         for run, keys in areas.items():
             age = min(_age(found[k], now) for k in keys)
-            if age < 3 * heartbeat():
+            if age < grace():
                 continue
             kind = (
                 "shard area of a committed run"
@@ -254,7 +265,7 @@ class BlobGc:
                 continue
             started = up.get("Initiated")
             age = max(0.0, now - started.timestamp()) if hasattr(started, "timestamp") else LIVE
-            if age < 3 * heartbeat():
+            if age < grace():
                 continue
             ref = json.dumps({"mpu": [bucket, key, up.get("UploadId")], "lock": lock})
             where = f"{target.scheme}://{full}"
@@ -291,7 +302,7 @@ class BlobGc:
             engine.delete([lock])  # last: until then the leftover stays recognisable
             return
         area = [k for k in found if k.startswith(f"{run}/{AREA}/")]
-        if area and min(_age(found[k], now) for k in area) < 3 * heartbeat():
+        if area and min(_age(found[k], now) for k in area) < grace():
             raise RunExistsError("a shard of this run is being written again", uri=leftover.uri)
         doomed = list(area)
         if f"{run}/{MANIFEST_NAME}" not in found:  # what the intents name, never a run's files
