@@ -89,7 +89,7 @@ def begin(
     attempt = rayshim.attempt_number()
     ordinal = ordinal_in_task(task_id, attempt, cfg.function)
     record = driver.lookup(cfg.key)
-    if cfg.backend.capabilities.needs_driver and record is None:
+    if (cfg.backend.capabilities.needs_driver or cfg.driver_held) and record is None:
         raise DestinationNotVisibleError(
             "the driver did not prepare this destination, so this worker cannot prove it is "
             "the one the driver meant",

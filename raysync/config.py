@@ -41,6 +41,18 @@ class Config:
     key: str = ""
     function: str = ""
     fields: tuple[str, ...] = field(default_factory=tuple)
+    #: The backend keeps this target's credentials on the driver (``KeepsCredentials``):
+    #: ``target`` is the worker's copy, and the driver must prepare it.
+    driver_held: bool = False
+    #: The full target, on the driver only: never pickled with the call (``__getstate__``).
+    driver_target: Target | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "driver_target"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in {**state, "driver_target": None}.items():
+            object.__setattr__(self, k, v)
 
     def shard_fields(self) -> list[str]:
         from raysync import shards
@@ -147,8 +159,13 @@ def make_config(
     template_fields(target.uri)  # malformed templates fail here
     check_template(target.uri)  # so do templates that can never name a run
     be.check(target)
+    from raysync.hookspecs import KeepsCredentials
+
+    held = be.worker_target(target) if isinstance(be, KeepsCredentials) else None
     return Config(
-        target=target,
+        target=held or target,
+        driver_held=held is not None,
+        driver_target=target if held is not None else None,
         trees=names,
         backend=be,
         env=env_map,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -198,7 +199,10 @@ def _wrap_function(fn: Callable[..., Any], cfg: Config) -> Callable[..., Any]:
         :24
     ]
     call_cfg = Config(**{**cfg.__dict__, "key": key, "function": function, "fields": fields})
-    driver.register_target(key, cfg.target, cfg.backend.prepare, cfg.backend.capabilities)
+    caps = cfg.backend.capabilities
+    if cfg.driver_held:  # the driver prepares it with the full target (its credentials)
+        caps = dataclasses.replace(caps, needs_driver=True)
+    driver.register_target(key, cfg.driver_target or cfg.target, cfg.backend.prepare, caps)
 
     if inspect.iscoroutinefunction(fn):
 

@@ -239,3 +239,18 @@ class CleansLeftovers(Protocol):
 
     def delete_leftover(self, target: Target, leftover: Leftover) -> None:
         """Remove one leftover that :meth:`list_leftovers` returned (checked again first)."""
+
+
+@runtime_checkable
+class KeepsCredentials(Protocol):
+    """Optional: a backend whose options can keep the store's credentials on the driver
+    (the fsspec backend's ``credentials="driver"``)."""
+
+    def worker_target(self, target: Target) -> Target | None:
+        """On the driver at decoration: ``target`` as it may travel to workers and results
+        (no credential in its options), or ``None`` when its options do not ask for that.
+
+        With a worker target, the core ships only that one with the calls, gives the full
+        target to :meth:`ExportBackend.prepare` on the driver (which is then called whatever
+        ``capabilities.needs_driver`` says) and never puts it in a Ray task, result or KV
+        record."""

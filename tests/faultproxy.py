@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 SLOW_DOWN = (
@@ -21,8 +22,11 @@ SLOW_DOWN = (
 
 
 class FaultProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, verify: Any = None) -> None:
+        """``verify``: an object whose ``check(method, path, headers)`` returns ``None`` to
+        forward the request or ``(status, body)`` to answer it (tests/sigv4.py)."""
         u = urlsplit(upstream)
+        self.verify = verify
         self.upstream = (u.hostname or "127.0.0.1", u.port or 80)
         self.lock = threading.Lock()
         self.fail_next = 0  # answer 503 to this many requests
@@ -45,6 +49,20 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 action = proxy._decide(self.path)
+                refused = (
+                    proxy.verify.check(self.command, self.path, dict(self.headers.items()))
+                    if proxy.verify
+                    else None
+                )
+                if refused is not None:
+                    proxy._record(self.command, self.path, refused[0])
+                    self.send_response(refused[0])
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(refused[1])))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(refused[1])
+                    return
                 if action == "drop":
                     self.close_connection = True
                     self.connection.close()

@@ -124,6 +124,7 @@ def _s3_groups(s3: S3Bench, args: argparse.Namespace) -> list[Group]:
             c["raysync fsspec (engine=fsspec: s3fs)"] = s3.raysync_s3fs
         if any(size < MIB for _, size in tree):
             c["raysync fsspec (packing)"] = s3.raysync_packed
+        c["raysync fsspec (credentials=driver)"] = s3.raysync_signed
         base = [n for n in c if not n.startswith("raysync")]
         groups.append(Group("fsspec", shape, tree, c, base, between=s3.clear))
     if shapes and (has_obstore or s3.s5cmd):

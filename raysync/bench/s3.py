@@ -175,6 +175,22 @@ class S3Bench:
     def raysync_s3fs(self, root: Path) -> None:
         _export(root, "s3", self.uri(), self.on_s3fs)
 
+    def raysync_signed(self, root: Path) -> None:
+        """``credentials="driver"``: the files go over presigned URLs from the driver's
+        signer (here in this process: the Ray actor call a worker makes is not timed)."""
+        from raysync.hookspecs import KeepsCredentials
+        from raysync.registry import get_registry
+        from raysync.target import Target
+
+        uri = self.uri()
+        full = Target(uri, "s3", {**self.options, "credentials": "driver"})
+        backend = get_registry().for_scheme("s3")
+        assert isinstance(backend, KeepsCredentials)
+        backend.prepare(full)
+        worker = backend.worker_target(full)
+        assert worker is not None
+        _export(root, "s3", uri, dict(worker.options))
+
     # -- downloads -----------------------------------------------------------------------
     def upload_once(self, root: Path) -> None:
         """Set-up of the download group (not timed): one raysync run of the tree."""

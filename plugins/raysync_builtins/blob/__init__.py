@@ -36,6 +36,7 @@ from raysync.errors import (
 from raysync.manifest import MANIFEST_NAME, Manifest, check_relpath
 from raysync.result import ExportResult, place_run
 from raysync.target import Target, redact, split_scheme
+from raysync_builtins.blob import signer
 from raysync_builtins.blob.consts import CONDITIONAL, EXTRAS, LOCK_NAME, NOT_STORAGE
 from raysync_builtins.blob.engine_fsspec import FsspecEngine
 from raysync_builtins.blob.gc import BlobGc, Heartbeat
@@ -65,6 +66,7 @@ class BlobBackend(RunLock, Uploads, ShardExports, BlobGc):
         return scheme not in NOT_STORAGE and scheme in fsspec.available_protocols()
 
     def check(self, target: Target) -> None:
+        signer.check_mode(target.scheme, target.options)
         opts, fs_options = Options.split(target.options)
         if choose(target.scheme, fs_options, opts) == "fsspec":
             self._fs_class(target.scheme)
@@ -94,7 +96,21 @@ class BlobBackend(RunLock, Uploads, ShardExports, BlobGc):
         return cls
 
     def prepare(self, target: Target) -> Mapping[str, str]:
+        if target.options.get(signer.MODE_KEY) == "driver":
+            return signer.prepare(self._root_uri(target), target.options)
         return {}
+
+    def worker_target(self, target: Target) -> Target | None:
+        """With ``credentials="driver"``: the target without credentials (workers upload
+        with the driver's presigned URLs, :mod:`raysync_builtins.blob.signer`)."""
+        if target.options.get(signer.MODE_KEY) != "driver":
+            return None
+        options = signer.worker_options(self._root_uri(target), target.options)
+        return Target(target.uri, target.scheme, options, target.base_dir)
+
+    @staticmethod
+    def _root_uri(target: Target) -> str:
+        return f"{target.scheme}://{target.root}"
 
     @staticmethod
     def _open(uri: str, options: Mapping[str, Any]) -> tuple[Engine, str, Options]:
@@ -102,6 +118,11 @@ class BlobBackend(RunLock, Uploads, ShardExports, BlobGc):
         raysync's own options."""
         opts, fs_options = Options.split(options)
         scheme, rest = split_scheme(uri)
+        if opts.credentials == "driver" and opts.signer_target:
+            # A worker's (or a result's) options: no credentials, the driver's signer.
+            from raysync_builtins.blob.engine_signed import SignedEngine
+
+            return SignedEngine(opts.signer_target, opts), rest.rstrip("/"), opts
         engine = obstore_engine(scheme, rest, fs_options, opts)
         if engine is not None:
             path = rest.rstrip("/")

@@ -100,9 +100,16 @@ class Options:
     upload_retries: int = 6
     upload_retry_base_delay: float = 0.2
     upload_retry_max_delay: float = 10.0
+    #: How long a presigned URL lasts (``credentials="driver"``), in seconds.
+    upload_url_seconds: int = 900
     #: Which client makes the object calls: "auto" (obstore for s3:// when it is installed
     #: and understands every option, else fsspec), "obstore" or "fsspec".
     engine: str = "auto"
+    #: "worker" (the workers hold what the options give) or "driver": the credentials stay
+    #: on the driver and workers upload with presigned URLs (``blob.signer``).
+    credentials: str = "worker"
+    #: With ``credentials="driver"``: which of the driver's destinations this is.
+    signer_target: str = ""
 
     @classmethod
     def split(cls, options: Mapping[str, Any]) -> tuple[Options, dict[str, Any]]:
@@ -115,6 +122,8 @@ class Options:
                 f"are {sorted(cls.__dataclass_fields__)}"
             )
         engine = ours.pop("engine", "auto")
+        mode = str(ours.pop("credentials", "worker"))
+        signer = str(ours.pop("signer_target", ""))
         if engine not in ENGINES:
             raise ConfigError(
                 f"storage_options['engine'] must be one of {list(ENGINES)}, not {engine!r}"
@@ -124,7 +133,7 @@ class Options:
                 raise ConfigError(
                     f"storage_options[{k!r}] must be a non-negative number, not {v!r}"
                 )
-        opts = cls(**ours, engine=engine)
+        opts = cls(**ours, engine=engine, credentials=mode, signer_target=signer)
         if (
             opts.upload_concurrency < 1
             or opts.upload_part_concurrency < 1

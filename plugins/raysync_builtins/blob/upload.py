@@ -44,6 +44,12 @@ class Uploads:
         ) as pool:
             todo = [e for e in request.files if e.path not in skip]
             packed = [e for e in todo if e.size < opts.upload_pack_below]
+            sign_ahead = getattr(engine, "sign_ahead", None)
+            if callable(sign_ahead):  # presigned URLs: one call to the signer for them all
+                single = [e for e in todo if opts.upload_pack_below <= e.size]
+                sign_ahead(
+                    "PUT", [f"{run}/{e.path}" for e in single if e.size <= opts.upload_part_size]
+                )
             futures = {
                 pool.submit(
                     self._upload_one, engine, f"{run}/{e.path}", e, opts, budget, request.checksum
