@@ -75,6 +75,7 @@ def test_bench_runs_every_backend_and_shape_and_reports_ratios_and_memory() -> N
         "raysync fsspec",
         "raysync fsspec (engine=fsspec: s3fs)",
         "raysync fsspec (packing)",
+        "raysync fsspec (credentials=driver)",
     }
     assert "S3 PUT ceiling (boto3 put_object, 16 threads)" in fs_small  # small files only
     # The download group pulls the last tree back, checked, against the clients' GETs.

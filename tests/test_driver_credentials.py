@@ -316,3 +316,28 @@ def test_node2_without_any_credentials_exports_to_s3(store: Store, node2: Any) -
     assert result.value == {"node": node2.node_id, "aws_env": []}
     assert store.dest().verify("from-node2") == 0
     assert store.verifier.refused == []
+
+
+def test_the_signer_never_writes_over_a_committed_manifest(store: Store) -> None:
+    """Whatever a caller asks, a manifest is written with the conditional create: a
+    committed run is never replaced by a manifest someone hands the signer."""
+    from raysync_builtins.blob import signer
+
+    from raysync.manifest import Manifest
+
+    root = f"s3://{store.bucket}/runs"
+    tid = signer.worker_options(root, store.options(credentials="driver"))[signer.SIGNER_KEY]
+    signer.prepare(root, store.options(credentials="driver"))
+    client = signer.SignerClient(tid)
+    empty = Manifest(files=[], run={"status": "succeeded"}, trees=["export"]).to_bytes()
+    path = f"{store.bucket}/runs/once/raysync-manifest.json"
+    client.call("put_control", path, empty, True)
+    with pytest.raises(FileExistsError):
+        client.call("put_control", path, empty, False)  # "overwrite", asked for: refused
+
+
+@pytest.mark.parametrize("seconds", [0, 0.5, -1, 604_801, "900", True])
+def test_a_url_lifetime_out_of_range_is_refused_at_decoration(store: Store, seconds: Any) -> None:
+    options = store.options(credentials="driver", upload_url_seconds=seconds)
+    with pytest.raises(raysync.errors.ConfigError, match="upload_url_seconds"):
+        isolated_export(f"s3://{store.bucket}/runs/{{name}}", storage_options=options)

@@ -122,7 +122,8 @@ class BlobBackend(RunLock, Uploads, ShardExports, BlobGc):
             # A worker's (or a result's) options: no credentials, the driver's signer.
             from raysync_builtins.blob.engine_signed import SignedEngine
 
-            return SignedEngine(opts.signer_target, opts), rest.rstrip("/"), opts
+            verify = fs_options.get(signer.TLS_KEY, True)
+            return SignedEngine(opts.signer_target, opts, verify), rest.rstrip("/"), opts
         engine = obstore_engine(scheme, rest, fs_options, opts)
         if engine is not None:
             path = rest.rstrip("/")

@@ -8,6 +8,7 @@ request again with a freshly signed URL (a transient error to the retry policy).
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -38,18 +39,27 @@ class StoreRefused(OSError):
         self.expired = status == 403 and "expired" in text.lower()
 
 
-_POOL: list[Any] = []
+_POOLS: dict[Any, Any] = {}
 
 
-def _pool() -> Any:
-    """One connection pool per process (thread-safe): connections outlive one export."""
-    if not _POOL:
+def _pool(verify: bool | str = True) -> Any:
+    """One connection pool per process and TLS setting (thread-safe): connections outlive
+    one export. ``verify``: check the store's certificate (``False``: do not; a path: with
+    that CA bundle), as ``client_kwargs={"verify": ...}`` says for the driver's client."""
+    pool = _POOLS.get(verify)
+    if pool is None:
         import urllib3
 
-        _POOL.append(
-            urllib3.PoolManager(maxsize=32, retries=False, timeout=urllib3.Timeout(30, 300))
+        tls: dict[str, Any] = {}
+        if verify is False:
+            tls["cert_reqs"] = "CERT_NONE"
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        elif isinstance(verify, str):
+            tls["ca_certs"] = verify
+        pool = _POOLS[verify] = urllib3.PoolManager(
+            maxsize=32, retries=False, timeout=urllib3.Timeout(30, 300), **tls
         )
-    return _POOL[0]
+    return pool
 
 
 class SignedEngine:
@@ -57,10 +67,10 @@ class SignedEngine:
 
     name = "signed"
 
-    def __init__(self, tid: str, opts: Options) -> None:
+    def __init__(self, tid: str, opts: Options, verify: bool | str = True) -> None:
         self.client = SignerClient(tid)
         self.opts = opts
-        self.http = _pool()
+        self.http = _pool(verify)
         self._urls: dict[tuple[str, str], tuple[str, float]] = {}
         self._lock = threading.Lock()
         # A URL is used while more than this much of its life is left.
@@ -175,6 +185,10 @@ class SignedEngine:
             # 403 "expired": signed again on the retry; 5xx and throttling: try again.
             return e.status >= 500 or e.status == 429 or e.expired
         name = type(e).__name__
+        if name in ("RayActorError", "ActorDiedError", "ActorUnavailableError"):
+            return False  # the driver's signer is gone (the driver ended): no retry helps
+        if name == "SSLError" or isinstance(getattr(e, "reason", None), ssl.SSLError):
+            return False  # a certificate the worker does not trust: sending again won't help
         if name in ("MaxRetryError", "ProtocolError", "NewConnectionError", "ReadTimeoutError"):
             return True
         return is_transient(e)

@@ -13,7 +13,7 @@ and is the only party that talks to the store with them. A worker gets from it:
 
 The lock and the manifest are written by the signer itself, with the store's conditional
 write; before it writes a manifest it checks that every object the manifest lists is in the
-store with the listed size (and ETag, when the manifest records one). So a worker can write
+store with the listed size. So a worker can write
 no object outside the root, cannot write a manifest or a lock directly, and cannot commit a
 run whose objects are missing. See docs/backends.md, "Workers without credentials".
 """
@@ -28,6 +28,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from raysync import rayshim
 from raysync.errors import ConfigError, DestinationError
 from raysync.manifest import MANIFEST_NAME, Manifest
 from raysync.target import redact
@@ -39,6 +40,8 @@ SHOWN = "(a destination with credentials='driver')"
 #: What a worker's options hold instead of credentials.
 MODE_KEY = "credentials"
 SIGNER_KEY = "signer_target"
+#: The worker's TLS check of the store (False, or a CA bundle's path), when not the default.
+TLS_KEY = "signed_tls_verify"
 #: Options that are not secrets and that the worker's engine needs.
 _WORKER_KEYS = frozenset(
     {
@@ -68,6 +71,12 @@ def worker_options(root_uri: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """The options that travel to workers and results: raysync's upload settings and the
     signer's name for this destination; no credential, endpoint or client setting."""
     kept = {k: v for k, v in options.items() if k in _WORKER_KEYS}
+    client = options.get("client_kwargs") or {}
+    verify = (
+        client.get("verify", options.get("verify", True)) if isinstance(client, Mapping) else True
+    )
+    if verify is not True:  # how to check the store's TLS certificate: not a secret
+        kept[TLS_KEY] = verify if isinstance(verify, str) else bool(verify)
     return {**kept, MODE_KEY: "driver", SIGNER_KEY: target_id(root_uri, options)}
 
 
@@ -77,6 +86,12 @@ def check_mode(scheme: str, options: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"storage_options[{MODE_KEY!r}] must be 'worker' or 'driver', not {mode!r}",
             hint="'driver' keeps the credentials on the driver; workers get presigned URLs",
+        )
+    seconds = options.get("upload_url_seconds", 900)
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not 1 <= seconds <= 604_800:
+        raise ConfigError(
+            f"storage_options['upload_url_seconds'] must be a whole number of seconds from 1 "
+            f"to 604800 (S3's longest presigned URL), not {seconds!r}"
         )
     if mode == "driver" and scheme not in ("s3", "s3a"):
         raise ConfigError(
@@ -261,13 +276,10 @@ class Signer:
             raise DestinationError("the signer writes only manifests and locks", uri=t["shown"])
         if name == MANIFEST_NAME:
             self._check_objects(t, run, data)
-        engine = t["engine"]
-        try:
-            return engine.put(path, data, create=create)  # type: ignore[no-any-return]
-        except FileExistsError:
-            raise
-        except Exception as e:
-            raise DestinationError(f"the signer could not write {name}: {e}", uri=t["shown"]) from e
+            create = True  # never over a committed manifest (a replaced run's goes first)
+        # The store's own errors come back as they are: the caller's retry policy tells a
+        # throttled write (retried) from a refused one.
+        return t["engine"].put(path, data, create=create)  # type: ignore[no-any-return]
 
     @staticmethod
     def _check_objects(t: dict[str, Any], run: str, data: bytes) -> None:
@@ -276,13 +288,14 @@ class Signer:
         wrong = []
         for f in manifest.files:
             if f.pack is not None:
-                if f"{run}/{f.pack['object']}" not in found:
+                obj = f.pack.get("object")
+                if not isinstance(obj, str) or obj.rsplit("/", 1)[-1] in CONTROL:
+                    wrong.append(f.path)
+                elif f"{run}/{obj}" not in found:
                     wrong.append(f.path)
                 continue
             info = found.get(f"{run}/{f.path}")
             if info is None or int(info.get("size") or 0) != f.size:
-                wrong.append(f.path)
-            elif f.etag and etag_of(info) and etag_of(info) != f.etag:
                 wrong.append(f.path)
         if wrong:
             raise DestinationError(
@@ -344,15 +357,25 @@ def prepare(root_uri: str, options: Mapping[str, Any]) -> dict[str, str]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ctx = ray.get_runtime_context()
-    key = (ctx.gcs_address, signer_name(ctx.get_job_id()))
+    key = (rayshim.session_name(ctx), signer_name(ctx.get_job_id()))
     actor = _ACTORS.get(key)
     if actor is None:
+        try:
+            ray.get_actor(key[1], namespace=ctx.namespace)
+        except ValueError:
+            pass  # as it should be: no actor of that name yet
+        else:  # someone else's actor under the signer's name: never given the credentials
+            raise DestinationError(
+                f"an actor named {key[1]!r} exists already in this job's namespace, so the "
+                "driver does not hand it the credentials",
+                uri=SHOWN,
+                hint="do not start actors under raysync's names; use another namespace",
+            )
         actor = _ACTORS[key] = (
             ray.remote(Signer)
             .options(
                 name=key[1],
                 namespace=ctx.namespace,
-                get_if_exists=True,
                 num_cpus=0,
                 max_concurrency=64,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(ctx.get_node_id(), soft=False),
@@ -396,7 +419,7 @@ def _find_actor(tid: str) -> Any:
             "function, or pass the credentials themselves in storage_options",
         )
     ctx = ray.get_runtime_context()
-    key = (ctx.gcs_address, signer_name(ctx.get_job_id()))
+    key = (rayshim.session_name(ctx), signer_name(ctx.get_job_id()))
     actor = _FOUND.get(key)
     if actor is None:
         try:
