@@ -77,6 +77,7 @@ KIT_MODULES = (
     "raysync.shards",
     "raysync.dirshards",
     "raysync.dirgc",
+    "raysync.direxport",
     "raysync.target",
     "raysync.testing",
 )

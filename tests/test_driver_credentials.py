@@ -341,3 +341,63 @@ def test_a_url_lifetime_out_of_range_is_refused_at_decoration(store: Store, seco
     options = store.options(credentials="driver", upload_url_seconds=seconds)
     with pytest.raises(raysync.errors.ConfigError, match="upload_url_seconds"):
         isolated_export(f"s3://{store.bucket}/runs/{{name}}", storage_options=options)
+
+
+@ray.remote(num_cpus=0)
+class Squatter:
+    """An actor that took the signer's name first, recording what it is handed."""
+
+    def __init__(self) -> None:
+        self.got: list[Any] = []
+
+    def allow(self, *args: Any) -> None:
+        self.got.append(args)
+
+    def seen(self) -> list[Any]:
+        return self.got
+
+
+def _name_free(name: str, namespace: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return True
+    return False
+
+
+def test_an_actor_squatting_the_signers_name_is_never_given_the_credentials(
+    store: Store, ray_wd: Path
+) -> None:
+    import time
+
+    from raysync_builtins.blob import signer
+
+    ctx = ray.get_runtime_context()
+    name, namespace = signer.signer_name(ctx.get_job_id()), ctx.namespace
+    for key in [k for k in signer._ACTORS if k[1] == name]:  # this job's signer, if any: gone
+        ray.kill(signer._ACTORS.pop(key))
+    deadline = time.monotonic() + 30
+    while not _name_free(name, namespace) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    squat = Squatter.options(name=name, namespace=namespace).remote()  # type: ignore[attr-defined]
+    ray.get(squat.seen.remote(), timeout=60)
+    options = store.options(credentials="driver")
+    try:
+        with pytest.raises(raysync.errors.DestinationError, match="exists already"):
+            signer.prepare(f"s3://{store.bucket}/runs", options)
+        assert ray.get(squat.seen.remote(), timeout=60) == []  # handed nothing
+    finally:
+        ray.kill(squat)
+    deadline = time.monotonic() + 30
+    while not _name_free(name, namespace) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    # Once the name is free again, the driver starts its own signer and a worker (which may
+    # have known the killed one) exports through it.
+    @ray.remote(max_retries=0)
+    @isolated_export(f"s3://{store.bucket}/runs/{{name}}", storage_options=options)
+    def call(name: str) -> None:
+        Path("export/a.txt").write_text(name)
+
+    ray.get(call.remote("after"), timeout=120)
+    assert store.dest().verify("after") == 0

@@ -206,13 +206,20 @@ class SignedEngine:
         )
         part_size = part_size_for(entry.size, opts)
         count = max(1, -(-entry.size // part_size))
-        urls: dict[int, str] = {}
+        urls: dict[int, tuple[str, float]] = {}
+        guard = threading.Lock()
+        life = opts.upload_url_seconds - self._margin
 
         def part_url(n: int, fresh: bool = False) -> str:
-            if fresh or n not in urls:
-                batch = list(range(n, min(count, n + 99) + 1))
-                urls.update(self.client.call("presign_parts", path, upload_id, batch))
-            return urls[n]
+            with guard:  # the part threads share the URLs; a stale one is signed again
+                found = urls.get(n)
+                if fresh or found is None or found[1] <= time.monotonic():
+                    batch = list(range(n, min(count, n + 99) + 1))
+                    got = self.client.call("presign_parts", path, upload_id, batch)
+                    until = time.monotonic() + life
+                    urls.update({int(k): (v, until) for k, v in got.items()})
+                    found = urls[n]
+                return found[0]
 
         def send(number: int, body: bytes, held: int) -> dict[str, Any]:
             fresh = [False]

@@ -28,7 +28,6 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from raysync import rayshim
 from raysync.errors import ConfigError, DestinationError
 from raysync.manifest import MANIFEST_NAME, Manifest
 from raysync.target import redact
@@ -339,6 +338,12 @@ def _admin_key(key: tuple[str, str]) -> str:
     return _ADMIN.setdefault(key, secrets.token_hex(16))
 
 
+def _cluster(ctx: Any) -> str:
+    """This cluster start (a restarted cluster reuses addresses and job ids)."""
+    get = getattr(ctx, "get_session_name", None)
+    return f"{ctx.gcs_address}|{get() if get is not None else ''}"
+
+
 def signer_name(job_id: str) -> str:
     return f"raysync-signer-{job_id}"
 
@@ -357,7 +362,7 @@ def prepare(root_uri: str, options: Mapping[str, Any]) -> dict[str, str]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ctx = ray.get_runtime_context()
-    key = (rayshim.session_name(ctx), signer_name(ctx.get_job_id()))
+    key = (_cluster(ctx), signer_name(ctx.get_job_id()))
     actor = _ACTORS.get(key)
     if actor is None:
         try:
@@ -398,13 +403,22 @@ class SignerClient:
             return getattr(_LOCAL, method)(self.tid, *args)
         import ray
 
-        try:
-            return ray.get(getattr(self.actor, method).remote(self.tid, *args))
-        except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, BaseException):
-                raise cause from None  # the signer's own error, not Ray's wrapping of it
-            raise
+        for attempt in (1, 2):
+            try:
+                return ray.get(getattr(self.actor, method).remote(self.tid, *args))
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, BaseException):
+                    raise cause from None  # the signer's own error, not Ray's wrapping of it
+                raise
+            except ray.exceptions.RayActorError:
+                # The signer this process knew is gone (its driver prepared a new one): look
+                # it up again, once.
+                _FOUND.clear()
+                if attempt == 2:
+                    raise
+                self.actor = _find_actor(self.tid)
+        raise AssertionError("unreachable")
 
 
 def _find_actor(tid: str) -> Any:
@@ -419,7 +433,7 @@ def _find_actor(tid: str) -> Any:
             "function, or pass the credentials themselves in storage_options",
         )
     ctx = ray.get_runtime_context()
-    key = (rayshim.session_name(ctx), signer_name(ctx.get_job_id()))
+    key = (_cluster(ctx), signer_name(ctx.get_job_id()))
     actor = _FOUND.get(key)
     if actor is None:
         try:

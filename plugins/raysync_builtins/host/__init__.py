@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 import raysync
-from raysync import checksum, dirshards
+from raysync import checksum
 from raysync.backend import (
     Capabilities,
     ExportOutcome,
@@ -36,22 +36,18 @@ from raysync.backend import (
     RunInfo,
     RunReader,
 )
-from raysync.copy import copy_files, hashed_source, plan_reuse
-from raysync.dirgc import busy, delete_dir_leftover, delete_dir_run, dir_leftovers
+from raysync.copy import hashed_source, plan_reuse
+from raysync.direxport import export_dir
+from raysync.dirgc import delete_dir_leftover, delete_dir_run, dir_leftovers
 from raysync.dirrun import (
     DirReader,
-    check_conflict,
     check_visible,
-    commit_dir,
-    link_reused,
     list_dir_runs,
     materialize_dir,
     prepare_root,
-    staging_dir,
 )
 from raysync.errors import ConfigError, DestinationError, ExportError, RaySyncError
-from raysync.fsops import makedirs, remove_tree
-from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, safe_join
+from raysync.manifest import FileEntry, Manifest
 from raysync.result import ExportResult
 from raysync.target import Target
 from raysync_builtins.host.sink import (
@@ -294,58 +290,7 @@ def _on_drivers_machine(prepared: Mapping[str, str], dest: Path, uri: str) -> bo
 
 def _export_here(request: ExportRequest, dest: Path, uri: str) -> ExportOutcome:
     """The directory-run protocol, from a worker on the driver's machine."""
-    run = request.manifest.run
-    if request.shard is not None:
-        if not dirshards.check_dest(dest, run, uri, request.shard):
-            return ExportOutcome(uri=uri, payload=Location(str(dest)), committed=False)
-        staged = dirshards.stage_dir(dest, request.shard)
-        with busy(staged):
-            try:
-                _copy_into(request, staged)
-            except BaseException:
-                remove_tree(staged)
-                raise
-            whole = dirshards.commit_shard(staged, dest, request.manifest, request.shard, uri)
-        return ExportOutcome(uri=uri, payload=Location(str(dest)), committed=whole)
-    decision = check_conflict(dest, run=run, conflict=request.conflict, uri=uri)
-    # Incremental: what the run being replaced holds unchanged is linked (and re-hashed).
-    reuse = plan_reuse(request.files, decision.previous, request.checksum)
-    staging = staging_dir(dest)
-    makedirs(dest.parent)
-    staging.mkdir()
-    with busy(staging):
-        try:
-            linked = _copy_into(request, staging, dest, reuse)
-            (staging / MANIFEST_NAME).write_bytes(request.manifest.to_bytes())
-            commit_dir(staging, dest, decision, run=run, conflict=request.conflict, uri=uri)
-        except BaseException:
-            remove_tree(staging)
-            raise
-    reused = [e for e in request.files if e.path in linked]
-    return ExportOutcome(
-        uri=uri,
-        payload=Location(str(dest)),
-        extra_stats={"reused_files": len(reused), "reused_bytes": sum(e.size for e in reused)},
-    )
-
-
-def _copy_into(
-    request: ExportRequest, staging: Path, dest: Path | None = None, reuse: set[str] | None = None
-) -> set[str]:
-    """Copy the files into ``staging``, linking those in ``reuse`` from the run at ``dest``
-    (re-hashed); the paths linked."""
-    outs: list[tuple[FileEntry, Path]] = []
-    for entry in request.files:
-        out = safe_join(staging, check_relpath(entry.path))
-        makedirs(out.parent)
-        outs.append((entry, out))
-    linked: set[str] = set()
-    if dest is not None and reuse:
-        pairs = [(e, safe_join(dest, e.path), str(o)) for e, o in outs if e.path in reuse]
-        linked = link_reused(pairs, request.checksum)
-    jobs: list[tuple[FileEntry, str | Path]] = [(e, o) for e, o in outs if e.path not in linked]
-    copy_files(jobs, request.checksum, dest_fs=staging)
-    return linked
+    return export_dir(request, dest, uri, payload=Location(str(dest)))
 
 
 #: Sink handles this worker looked up (a lookup is a round trip to the GCS per call).
