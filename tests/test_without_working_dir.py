@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -74,3 +75,22 @@ def test_a_worker_whose_cwd_does_not_exist_gets_an_empty_workspace(
     assert os.getcwd() == str(ws.root.parent)  # the old cwd cannot be restored
     assert (ws.root / "export" / "x.txt").read_text() == "x"
     workspace.remove(ws)
+
+
+def test_direct_calls_on_a_driver_with_ray_up_print_no_ray_warnings(
+    ray_wd: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: Any
+) -> None:
+    """A decorated function called in the driver (a notebook, a test) while Ray runs: Ray's
+    runtime context warns for every worker-only question asked there; raysync asks none."""
+
+    @isolated_export(str(tmp_path / "runs" / "{name}"))
+    def step(name: str) -> str:
+        Path("export/a.txt").write_text(name)
+        return name
+
+    capfd.readouterr()
+    with caplog.at_level("WARNING"):
+        assert [step(name=f"r{i}").value for i in range(3)] == ["r0", "r1", "r2"]
+    said = capfd.readouterr().err + caplog.text
+    assert "only available when the process is a worker" not in said, said[-2000:]
+    assert sorted(p.name for p in (tmp_path / "runs").glob("r*")) == ["r0", "r1", "r2"]
