@@ -81,8 +81,8 @@ def begin(
     # A direct call (not a Ray task) has no task id; a unique one keeps two direct calls from
     # being taken for two attempts of one task (which may replace each other's runs).
     # (Asked only in a worker: on the driver Ray logs a warning for every call.)
-    in_task = ctx is not None and not rayshim.is_driver()
-    task_id = (ctx.get_task_id() if in_task else None) or f"direct-{uuid.uuid4().hex}"
+    in_task = ctx if ctx is not None and not rayshim.is_driver() else None
+    task_id = (in_task.get_task_id() if in_task else None) or f"direct-{uuid.uuid4().hex}"
     node_id = (ctx.get_node_id() if ctx else None) or "local"
     job_id = (ctx.get_job_id() if ctx else None) or "local"
     # Ray task ids repeat across clusters: the session (one per cluster start) and the job

@@ -33,6 +33,7 @@ from raysync.errors import (
     MaterializeError,
     RaySyncError,
 )
+from raysync.fsops import write_replacing
 from raysync.hookspecs import ListsRuns, OpensRuns
 from raysync.manifest import MANIFEST_NAME, FileEntry
 from raysync.registry import get_registry, scheme_label
@@ -238,9 +239,7 @@ def _pull(args: argparse.Namespace) -> int:
     try:
         place_run(dest, manifest, read, uri=shown, overwrite=args.overwrite)
         # The manifest too, last: `raysync verify DEST` checks what was pulled.
-        tmp = dest / f".{MANIFEST_NAME}.pulling"
-        tmp.write_bytes(manifest.to_bytes())
-        os.replace(tmp, written)
+        write_replacing(written, manifest.to_bytes())
     except MaterializeError as e:
         raise MaterializeError(
             e.message, hint="pull into an empty directory, or pass --overwrite"

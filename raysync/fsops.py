@@ -7,6 +7,7 @@ tree raises ``RecursionError``; these loops do not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -154,3 +155,19 @@ def _fs_type(path: Path) -> str:
         if inside and len(point) >= len(best):
             best, kind = point, fields[2]
     return kind
+
+
+def write_replacing(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``path`` whole, atomically: ``data`` goes to a fresh file created exclusively
+    beside it (never through a link someone put there), then is renamed over ``path`` (a
+    link at ``path`` itself is replaced, not followed)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

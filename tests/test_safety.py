@@ -1071,3 +1071,27 @@ def test_item10_the_host_sink_takes_roots_only_from_its_own_driver(
     job = ray.get_runtime_context().get_job_id()
     with pytest.raises(ray.exceptions.RayTaskError, match="outside every root"):
         ray.get(sink.open.remote("/etc/evil", run, "overwrite", job))
+
+
+def test_item7_pull_never_writes_through_a_link_planted_in_the_destination(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link in the pull's destination where raysync used to stage the manifest (a fixed
+    name) pointed the write at any file; the manifest now goes through a fresh file."""
+    monkeypatch.chdir(tmp_path)
+
+    @isolated_export(str(tmp_path / "runs" / "{name}"))
+    def f(name: str) -> None:
+        Path("export/a.txt").write_text("a")
+
+    f(name="r")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone's data")
+    out = tmp_path / "pulled"
+    out.mkdir()
+    for name in (".raysync-manifest.json.pulling", ".raysync-manifest.json.tmp"):
+        (out / name).symlink_to(victim)
+    assert cli(["pull", str(tmp_path / "runs" / "r"), str(out)]) == 0
+    assert victim.read_text() == "someone's data"
+    assert cli(["verify", str(out)]) == 0
+    assert (out / "export" / "a.txt").read_text() == "a"
