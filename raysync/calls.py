@@ -3,6 +3,7 @@ Ray's runtime context before the user's code runs) and what it holds while it ru
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import socket
@@ -73,6 +74,12 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+@functools.lru_cache(maxsize=256)
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature``, once per function (it costs more than the rest of ``begin``)."""
+    return inspect.signature(fn)
+
+
 def begin(
     cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Call:
@@ -107,7 +114,7 @@ def begin(
         "attempt": attempt,
     }
     if cfg.fields:
-        sig = inspect.signature(fn)
+        sig = _signature(fn)
         bound = sig.bind_partial(*args, **kwargs)
         bound.apply_defaults()
         for name, value in bound.arguments.items():

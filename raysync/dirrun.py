@@ -186,14 +186,15 @@ def check_conflict(dest: Path, *, run: Mapping[str, Any], conflict: str, uri: st
     stores check up to the bucket) refuses the export: a run is never nested in another. A
     committed run at ``dest`` holding files its manifest does not list is never replaced."""
     inside = None
-    anc = Path(os.path.normpath(os.path.abspath(dest))).parent
+    anc = os.path.dirname(os.path.normpath(os.path.abspath(dest)))
     while True:
-        if (anc / MANIFEST_NAME).is_file():
-            inside = str(anc)
+        if os.path.isfile(os.path.join(anc, MANIFEST_NAME)):
+            inside = anc
             break
-        if anc.parent == anc:
+        up = os.path.dirname(anc)
+        if up == anc:
             break
-        anc = anc.parent
+        anc = up
     existing = read_committed(dest, uri=uri)
     unlisted: list[str] = []
     if existing is not None:
