@@ -401,3 +401,59 @@ def test_an_actor_squatting_the_signers_name_is_never_given_the_credentials(
 
     ray.get(call.remote("after"), timeout=120)
     assert store.dest().verify("after") == 0
+
+
+def test_the_drivers_own_temporary_credentials_are_kept_fresh(
+    store: Store, ray_wd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The options name no credentials: the driver's own chain gives them, here through a
+    ``credential_process`` profile whose credentials expire (as a role's do). When the store
+    starts taking only new ones, exports still succeed: the driver hands them to its signer."""
+    import sys
+    import time
+
+    current = tmp_path / "current-secret"
+    current.write_text(store.secret)
+    process = tmp_path / "creds.py"
+    process.write_text(
+        "import datetime, json, pathlib\n"
+        "expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)\n"
+        f"secret = pathlib.Path({str(current)!r}).read_text()\n"
+        "print(json.dumps({'Version': 1, 'AccessKeyId': " + repr(KEY_ID) + ", "
+        "'SecretAccessKey': secret, 'SessionToken': 'token-' + secret[-6:], "
+        "'Expiration': expires.isoformat()}))\n"
+    )
+    config = tmp_path / "aws-config"
+    config.write_text(
+        f"[profile raysync-rotating]\ncredential_process = {sys.executable} {process}\n"
+    )
+    for name in [k for k in os.environ if k.startswith("AWS_") and k != "AWS_CA_BUNDLE"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_PROFILE", "raysync-rotating")
+    monkeypatch.setenv("RAYSYNC_CREDENTIALS_CHECK_SECONDS", "0.2")
+    options = {
+        "skip_instance_cache": True,
+        "client_kwargs": {"endpoint_url": store.url, "region_name": "us-east-1"},
+        "credentials": "driver",
+    }
+
+    @ray.remote(max_retries=0)
+    @isolated_export(f"s3://{store.bucket}/runs/{{name}}", storage_options=options)
+    def call(name: str) -> list[str]:
+        Path("export/a.txt").write_text(name)
+        return _aws_env()
+
+    assert ray.get(call.remote("before"), timeout=120).value == []
+    rotated = canary.new()
+    current.write_text(rotated)
+    store.verifier.secret = rotated  # from now on the store takes only the new secret
+    time.sleep(1.5)  # a few of the driver's checks
+    ray.get(call.remote("after"), timeout=120)
+    dest = store.dest()
+    dest.options = {**(dest.options or {}), "secret": rotated}
+    import s3fs
+
+    dest.fs = s3fs.S3FileSystem(**dest.options)
+    assert dest.verify("before") == 0 and dest.verify("after") == 0

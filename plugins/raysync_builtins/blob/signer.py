@@ -31,6 +31,7 @@ from typing import Any
 from raysync.errors import ConfigError, DestinationError
 from raysync.manifest import MANIFEST_NAME, Manifest
 from raysync.target import redact
+from raysync_builtins.blob import driver_credentials
 from raysync_builtins.blob.consts import LOCK_NAME
 from raysync_builtins.blob.store import etag_of
 
@@ -100,20 +101,8 @@ def check_mode(scheme: str, options: Mapping[str, Any]) -> None:
 
 
 def _with_default_credentials(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options, with the driver's own AWS credentials (environment, profile, instance
-    role: botocore's chain, read here on the driver) when they name none."""
-    out = {k: v for k, v in options.items() if k not in (MODE_KEY, SIGNER_KEY)}
-    if out.get("anon") or "key" in out or "aws_access_key_id" in out or "profile" in out:
-        return out
-    import botocore.session
-
-    creds = botocore.session.get_session().get_credentials()
-    if creds is not None:
-        frozen = creds.get_frozen_credentials()
-        out.update(key=frozen.access_key, secret=frozen.secret_key)
-        if frozen.token:
-            out["token"] = frozen.token
-    return out
+    """The options, with the driver's own AWS credentials when they name none."""
+    return driver_credentials.resolve(options, (MODE_KEY, SIGNER_KEY))[0]
 
 
 class Signer:
@@ -355,9 +344,13 @@ def prepare(root_uri: str, options: Mapping[str, Any]) -> dict[str, str]:
 
     tid = target_id(root_uri, options)
     # The driver's own credentials (when the options name none), resolved here, in the driver.
-    full = _with_default_credentials(options)
+    full, changing = driver_credentials.resolve(options, (MODE_KEY, SIGNER_KEY))
     _LOCAL.allow(tid, root_uri, full)
     if not ray.is_initialized():
+        if changing is not None:
+            driver_credentials.keep_fresh(
+                ("local", tid), changing, full, lambda o: _LOCAL.allow(tid, root_uri, o)
+            )
         return {"signer": "", "target": tid}
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -388,6 +381,13 @@ def prepare(root_uri: str, options: Mapping[str, Any]) -> dict[str, str]:
             .remote(_admin_key(key))
         )
     ray.get(actor.allow.remote(tid, root_uri, full, _admin_key(key)))
+    if changing is not None:
+
+        def push(fresh: dict[str, Any], actor: Any = actor, admin: str = _admin_key(key)) -> None:
+            _LOCAL.allow(tid, root_uri, fresh)
+            ray.get(actor.allow.remote(tid, root_uri, fresh, admin), timeout=60)
+
+        driver_credentials.keep_fresh((*key, tid), changing, full, push)
     return {"signer": key[1], "namespace": ctx.namespace or "", "target": tid}
 
 
