@@ -3,7 +3,6 @@ Ray's runtime context before the user's code runs) and what it holds while it ru
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import socket
@@ -74,10 +73,19 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-@functools.lru_cache(maxsize=256)
+_SIGNATURES: dict[int, tuple[Callable[..., Any], inspect.Signature]] = {}
+
+
 def _signature(fn: Callable[..., Any]) -> inspect.Signature:
-    """``inspect.signature``, once per function (it costs more than the rest of ``begin``)."""
-    return inspect.signature(fn)
+    """``inspect.signature``, once per function (it costs more than the rest of ``begin``).
+    Keyed by identity: a callable object need not be hashable."""
+    found = _SIGNATURES.get(id(fn))
+    if found is not None and found[0] is fn:
+        return found[1]
+    sig = inspect.signature(fn)
+    if len(_SIGNATURES) < 256:
+        _SIGNATURES[id(fn)] = (fn, sig)  # holds fn: its id is never reused meanwhile
+    return sig
 
 
 def begin(

@@ -175,10 +175,14 @@ def _wrap_methods(cls: type, source: type, cfg: Config) -> None:
             setattr(cls, name, _wrap_function(member, cfg))
 
 
+def _shown(fn: Callable[..., Any]) -> str:
+    return str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
+
+
 def _wrap_function(fn: Callable[..., Any], cfg: Config) -> Callable[..., Any]:
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         raise ConfigError(
-            f"{fn.__qualname__} is a generator; @isolated_export needs one result per call",
+            f"{_shown(fn)} is a generator; @isolated_export needs one result per call",
             hint="return a value (e.g. a list) instead",
         )
     sig = inspect.signature(fn)
@@ -190,7 +194,7 @@ def _wrap_function(fn: Callable[..., Any], cfg: Config) -> Callable[..., Any]:
         for f in fields:
             if f not in params and f not in BUILTIN_FIELDS:
                 raise TemplateError(
-                    f"field {{{f}}} is not an argument of {fn.__qualname__}",
+                    f"field {{{f}}} is not an argument of {_shown(fn)}",
                     template=cfg.target.uri,
                     available=available,
                 )

@@ -21,7 +21,7 @@ def function_name(fn: Callable[..., Any]) -> str:
     for its own: a script's functions are named after the script (``train.run``; ``pkg.train
     .run`` under ``python -m``). Interactive sessions keep ``__main__``.
     """
-    module = fn.__module__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
     if module == "__main__":
         main = sys.modules.get("__main__")
         spec = getattr(main, "__spec__", None)
@@ -30,7 +30,9 @@ def function_name(fn: Callable[..., Any]) -> str:
             module = spec.name
         elif isinstance(path, str) and path:
             module = Path(path).stem or module
-    return f"{module}.{fn.__qualname__}"
+    # A callable object (an instance with __call__) is named after its class.
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{qualname}"
 
 
 def call_id(session: str, job_id: str, task_id: str, function: str, ordinal: int = 1) -> str:

@@ -197,3 +197,22 @@ def test_drivers_preparing_one_root_at_once_all_get_its_one_token(tmp_path: Path
         for p in prepared:
             check_visible(p, root / "run", str(root / "run"))
         assert sorted(os.listdir(root)) == [".raysync-visible"]  # no draft left behind
+
+
+def test_a_callable_object_can_be_decorated_even_when_unhashable(tmp_path: Path) -> None:
+    """An instance with ``__call__`` (whose class defines ``__eq__``, so it is unhashable) is
+    decorated like a function; its runs are named after its class."""
+
+    class Step:
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Step)
+
+        def __call__(self, name: str) -> str:
+            Path("export/a.txt").write_text(name)
+            return name
+
+    step = isolated_export(str(tmp_path / "runs" / "{name}"))(Step())
+    results = [step(name=n) for n in ("a", "b")]
+    assert [r.value for r in results] == ["a", "b"]
+    assert results[0].manifest.run["function"].endswith("Step")
+    assert (tmp_path / "runs" / "b" / "export" / "a.txt").read_text() == "b"
