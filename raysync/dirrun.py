@@ -188,7 +188,11 @@ def check_conflict(dest: Path, *, run: Mapping[str, Any], conflict: str, uri: st
     inside = None
     anc = os.path.dirname(os.path.normpath(os.path.abspath(dest)))
     while True:
-        if os.path.isfile(os.path.join(anc, MANIFEST_NAME)):
+        try:  # as Path.is_file: "no such file" is no, any other error is raised
+            found = stat.S_ISREG(os.stat(os.path.join(anc, MANIFEST_NAME)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            found = False
+        if found:
             inside = anc
             break
         up = os.path.dirname(anc)

@@ -157,17 +157,32 @@ def _fs_type(path: Path) -> str:
     return kind
 
 
-def write_replacing(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_replacing(path: Path, data: bytes, mode: int = 0o666) -> None:
     """Write ``path`` whole, atomically: ``data`` goes to a fresh file created exclusively
     beside it (never through a link someone put there), then is renamed over ``path`` (a
-    link at ``path`` itself is replaced, not followed)."""
+    link at ``path`` itself is replaced, not followed). ``mode`` is masked by the umask, as
+    for any new file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, mode)
+        os.chmod(tmp, mode & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc without changing it, where there is one)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old

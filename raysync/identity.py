@@ -4,6 +4,7 @@ are in :mod:`raysync.rules`)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 import threading
@@ -21,6 +22,8 @@ def function_name(fn: Callable[..., Any]) -> str:
     for its own: a script's functions are named after the script (``train.run``; ``pkg.train
     .run`` under ``python -m``). Interactive sessions keep ``__main__``.
     """
+    if isinstance(fn, functools.partial):  # named after the function it wraps
+        return function_name(fn.func)
     module = getattr(fn, "__module__", None) or type(fn).__module__
     if module == "__main__":
         main = sys.modules.get("__main__")

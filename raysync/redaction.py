@@ -31,6 +31,8 @@ _SECRET_NAME = re.compile(
 )
 #: Option names that match the pattern above but hold no secret.
 _NOT_SECRET = frozenset({"key_prefix", "sse_kms_key_id_alias"})
+#: ``credentials="driver"`` names a mode; the word "driver" is no secret to scrub.
+_CREDENTIAL_MODES = frozenset({"driver", "worker"})
 #: Shorter strings are not scrubbed: they would mangle ordinary words in messages.
 _MIN_SECRET = 4
 
@@ -58,6 +60,8 @@ def _add(value: str) -> None:
 def _walk_options(options: Mapping[str, Any], secret: bool = False) -> None:
     for k, v in options.items():
         name = str(k)
+        if name == "credentials" and v in _CREDENTIAL_MODES:
+            continue  # where credentials are kept (the fsspec backend's option), not one
         is_secret = secret or (bool(_SECRET_NAME.search(name)) and name not in _NOT_SECRET)
         if isinstance(v, Mapping):
             _walk_options(v, is_secret)

@@ -11,6 +11,7 @@ itself is never written to.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import logging
@@ -158,7 +159,22 @@ def _cwd() -> Path | None:
 def _base_dir() -> Path:
     session = rayshim.session_dir()
     base = Path(session if session is not None else tempfile.gettempdir())
-    return base / "raysync_workspaces" / f"pid-{os.getpid()}"
+    mine = base / "raysync_workspaces" / f"pid-{os.getpid()}"
+    if mine not in _MINE:
+        _MINE.add(mine)
+        if len(_MINE) == 1:
+            atexit.register(_remove_mine)
+    return mine
+
+
+#: This process's workspace parents, removed (when empty) as it exits.
+_MINE: set[Path] = set()
+
+
+def _remove_mine() -> None:
+    for d in _MINE:
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def create(call_id: str, trees: Sequence[str], source: Path | None = None) -> Workspace:

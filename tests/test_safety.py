@@ -1095,3 +1095,24 @@ def test_item7_pull_never_writes_through_a_link_planted_in_the_destination(
     assert victim.read_text() == "someone's data"
     assert cli(["verify", str(out)]) == 0
     assert (out / "export" / "a.txt").read_text() == "a"
+
+
+def test_item7_the_pulled_manifest_follows_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    @isolated_export(str(tmp_path / "runs" / "{name}"))
+    def f(name: str) -> None:
+        Path("export/a.txt").write_text("a")
+
+    f(name="r")
+    out = tmp_path / "pulled"
+    old = os.umask(0o077)
+    try:
+        assert cli(["pull", str(tmp_path / "runs" / "r"), str(out)]) == 0
+    finally:
+        os.umask(old)
+    manifest = out / "raysync-manifest.json"
+    assert manifest.stat().st_mode & 0o777 == 0o600  # not readable by others under umask 077
+    assert cli(["verify", str(out)]) == 0

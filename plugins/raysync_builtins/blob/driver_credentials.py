@@ -15,9 +15,11 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from raysync.redaction import redact, remember
 from raysync_builtins.blob.store import log
 
 #: Refreshers running in this driver, by (signer, destination): one each.
+_LOCK = threading.Lock()
 _RUNNING: dict[tuple[Any, ...], threading.Event] = {}
 
 
@@ -56,26 +58,49 @@ def keep_fresh(
     key: tuple[Any, ...],
     creds: Any,
     options: Mapping[str, Any],
-    push: Callable[[dict[str, Any]], None],
+    pushes: list[Callable[[dict[str, Any]], None]],
 ) -> None:
-    """Start (once per ``key``) the thread that pushes ``options`` with the credentials'
-    current values whenever they change. It stops with the driver (a daemon thread)."""
-    if key in _RUNNING:
-        return
-    stop = _RUNNING[key] = threading.Event()
-    last = [_frozen(creds)]
+    """Start (once per ``key``) the thread that hands ``options`` with the credentials'
+    current values to each of ``pushes`` whenever they change (a push that raises ``Stop``
+    is dropped: its signer is gone). It stops with the driver (a daemon thread)."""
+    with _LOCK:
+        if key in _RUNNING:
+            return
+        stop = _RUNNING[key] = threading.Event()
+    # What the signers hold now: the credentials in ``options`` (not a second read, which
+    # could already be newer and so never be pushed).
+    last = [{k: options[k] for k in ("key", "secret", "token") if k in options}]
+    live = list(pushes)
 
     def run() -> None:
-        while not stop.wait(check_seconds()):
+        while live and not stop.wait(check_seconds()):
             try:
                 now = _frozen(creds)
-                if now != last[0]:
-                    push({**options, **now})
-                    last[0] = now
             except Exception as e:  # noqa: BLE001 - tried again at the next check
-                if "Actor" in type(e).__name__:  # its signer is gone (a new cluster): done
-                    _RUNNING.pop(key, None)
-                    return
-                log.warning("raysync: could not refresh the driver's credentials: %s", e)
+                log.warning(
+                    "raysync: could not refresh the driver's credentials: %s", redact(str(e))
+                )
+                continue
+            if now == last[0]:
+                continue
+            fresh = {**options, **now}
+            remember("", fresh)  # the new secret is redacted wherever it could show
+            for push in list(live):
+                try:
+                    push(fresh)
+                except Stop:
+                    live.remove(push)
+                except Exception as e:  # noqa: BLE001 - tried again at the next change
+                    log.warning(
+                        "raysync: could not hand fresh credentials to the signer: %s",
+                        redact(str(e)),
+                    )
+            last[0] = now
+        with _LOCK:
+            _RUNNING.pop(key, None)
 
     threading.Thread(target=run, name="raysync-credentials", daemon=True).start()
+
+
+class Stop(Exception):
+    """Raised by a push whose signer is gone for good."""

@@ -36,7 +36,11 @@ class StoreRefused(OSError):
         code = text.split("<Code>", 1)[1].split("</Code>", 1)[0] if "<Code>" in text else ""
         super().__init__(f"the store answered {method} with HTTP {status} {code}".rstrip())
         self.status, self.code = status, code
-        self.expired = status == 403 and "expired" in text.lower()
+        # A URL past its expiry (403 "Request has expired"), or signed with temporary
+        # credentials that have expired since (400/403 ExpiredToken): signed again.
+        self.expired = status in (400, 403) and (
+            code == "ExpiredToken" or "expired" in text.lower()
+        )
 
 
 _POOLS: dict[Any, Any] = {}
@@ -113,7 +117,7 @@ class SignedEngine:
         try:
             return self._send(method, url, body, stream)
         except StoreRefused as e:
-            if e.status == 403:
+            if e.expired:
                 self._forget(method, path)  # a retry signs the request again
             raise
 
@@ -229,7 +233,7 @@ class SignedEngine:
                 try:
                     return self._send("PUT", url, body)
                 except StoreRefused as e:
-                    fresh[0] = e.status == 403
+                    fresh[0] = e.expired
                     raise
 
             try:

@@ -25,6 +25,7 @@ import hmac
 import json
 import secrets
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -330,7 +331,14 @@ def _admin_key(key: tuple[str, str]) -> str:
 def _cluster(ctx: Any) -> str:
     """This cluster start (a restarted cluster reuses addresses and job ids)."""
     get = getattr(ctx, "get_session_name", None)
-    return f"{ctx.gcs_address}|{get() if get is not None else ''}"
+    if get is not None:
+        session = get()
+    else:  # older Ray: only on the node object
+        import ray
+
+        node = getattr(ray._private.worker.global_worker, "node", None)
+        session = getattr(node, "session_name", "")
+    return f"{ctx.gcs_address}|{session}"
 
 
 def signer_name(job_id: str) -> str:
@@ -349,7 +357,7 @@ def prepare(root_uri: str, options: Mapping[str, Any]) -> dict[str, str]:
     if not ray.is_initialized():
         if changing is not None:
             driver_credentials.keep_fresh(
-                ("local", tid), changing, full, lambda o: _LOCAL.allow(tid, root_uri, o)
+                ("local", tid), changing, full, [lambda o: _LOCAL.allow(tid, root_uri, o)]
             )
         return {"signer": "", "target": tid}
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -383,12 +391,21 @@ def prepare(root_uri: str, options: Mapping[str, Any]) -> dict[str, str]:
     ray.get(actor.allow.remote(tid, root_uri, full, _admin_key(key)))
     if changing is not None:
 
-        def push(fresh: dict[str, Any], actor: Any = actor, admin: str = _admin_key(key)) -> None:
-            _LOCAL.allow(tid, root_uri, fresh)
-            ray.get(actor.allow.remote(tid, root_uri, fresh, admin), timeout=60)
+        def to_actor(
+            fresh: dict[str, Any], actor: Any = actor, admin: str = _admin_key(key)
+        ) -> None:
+            try:
+                ray.get(actor.allow.remote(tid, root_uri, fresh, admin), timeout=60)
+            except ray.exceptions.ActorDiedError:
+                raise driver_credentials.Stop from None  # this cluster's signer is gone
 
-        driver_credentials.keep_fresh((*key, tid), changing, full, push)
+        local = lambda fresh: _LOCAL.allow(tid, root_uri, fresh)  # noqa: E731
+        driver_credentials.keep_fresh((*key, tid), changing, full, [local, to_actor])
     return {"signer": key[1], "namespace": ctx.namespace or "", "target": tid}
+
+
+#: Signer calls that may be sent twice without harm.
+_IDEMPOTENT = frozenset({"presign", "presign_parts", "get", "listing"})
 
 
 class SignerClient:
@@ -411,13 +428,27 @@ class SignerClient:
                 if isinstance(cause, BaseException):
                     raise cause from None  # the signer's own error, not Ray's wrapping of it
                 raise
-            except ray.exceptions.RayActorError:
-                # The signer this process knew is gone (its driver prepared a new one): look
-                # it up again, once.
+            except ray.exceptions.ActorDiedError:
                 _FOUND.clear()
-                if attempt == 2:
+                if attempt == 1 and method in _IDEMPOTENT:
+                    # The driver may have started another signer (a new one after a
+                    # restart): asked there, when asking twice is harmless.
+                    try:
+                        self.actor = _find_actor(self.tid)
+                        continue
+                    except DestinationError:
+                        pass
+                raise DestinationError(
+                    "the driver's signer is gone (its driver ended or failed), so this export "
+                    "cannot reach the store",
+                    uri=SHOWN,
+                    hint="keep the driver running until its tasks end",
+                ) from None
+            except ray.exceptions.ActorUnavailableError:
+                # Unreachable for a moment: asked again once, when asking twice is harmless.
+                if attempt == 2 or method not in _IDEMPOTENT:
                     raise
-                self.actor = _find_actor(self.tid)
+                time.sleep(1.0)
         raise AssertionError("unreachable")
 
 
