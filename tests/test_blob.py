@@ -20,7 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raysync import checksum, isolated_export
-from raysync.errors import ConfigError, ExportError, MissingDependencyError, RunExistsError
+from raysync.errors import (
+    ConfigError,
+    ExportError,
+    MissingDependencyError,
+    RunExistsError,
+    TreeError,
+)
 from raysync.manifest import MANIFEST_NAME, Manifest
 from tests.conftest import files_under, kept_workspace, s3_options
 
@@ -589,3 +595,26 @@ def test_reading_back_prefetches_in_order_within_the_budget_and_never_deadlocks(
     assert all(halfway[i] == blobs[i] for i in range(1, len(entries)))
     backwards = bounded(lambda: read_all(list(reversed(range(len(entries))))))
     assert all(backwards[i] == blobs[i] for i in range(len(entries)))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_key_longer_than_s3_allows_is_refused_before_anything_is_sent(
+    engine: str, ray_wd: Path, bucket: str, moto_endpoint: str
+) -> None:
+    """S3 keys hold at most 1,024 bytes: a deep tree whose path (with the run's prefix) is
+    longer fails at once, naming the file, not after uploads and retries."""
+    opts = s3_options(moto_endpoint, engine=engine)
+    deep = "/".join(["d" * 200] * 5) + "/é.txt"  # with "runs/deep/export/": 1,028 bytes
+
+    @isolated_export(f"s3://{bucket}/runs/{{name}}", storage_options=opts)
+    def call(name: str) -> None:
+        Path("export/ok.txt").write_text("ok")
+        (Path("export") / deep).parent.mkdir(parents=True)
+        (Path("export") / deep).write_text("deep")
+
+    with pytest.raises(TreeError, match=r"object key of 1,028 bytes .*allows 1,024") as info:
+        call(name="deep")
+    assert "nothing was uploaded" in str(info.value)
+    assert s3fs_for(moto_endpoint).find(f"{bucket}/runs") == []  # not even a lock
+    kept = kept_workspace(str(info.value))
+    assert (kept / "export" / deep).read_text() == "deep"  # the files are kept

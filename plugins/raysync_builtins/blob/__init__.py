@@ -37,7 +37,7 @@ from raysync.manifest import MANIFEST_NAME, Manifest, check_relpath
 from raysync.result import ExportResult, place_run
 from raysync.target import Target, redact, split_scheme
 from raysync_builtins.blob import signer
-from raysync_builtins.blob.consts import CONDITIONAL, EXTRAS, LOCK_NAME, NOT_STORAGE
+from raysync_builtins.blob.consts import CONDITIONAL, EXTRAS, KEY_LIMIT, LOCK_NAME, NOT_STORAGE
 from raysync_builtins.blob.engine_fsspec import FsspecEngine
 from raysync_builtins.blob.gc import BlobGc, Heartbeat
 from raysync_builtins.blob.lock import RunLock, _Claim
@@ -169,6 +169,14 @@ class BlobBackend(RunLock, Uploads, ShardExports, BlobGc):
                     hint="rename the file (its name holds bytes that are not UTF-8)",
                 ) from None
             check_literal(engine, f"{run}/{e.path}", e.path)
+            key = len(run.partition("/")[2].encode()) + 1 + len(e.path.encode())
+            if request.target.scheme in KEY_LIMIT and key > KEY_LIMIT[request.target.scheme]:
+                limit = KEY_LIMIT[request.target.scheme]
+                raise TreeError(
+                    f"{e.path[:60]!r}... would be an object key of {key:,} bytes under this "
+                    f"run; {request.target.scheme}:// allows {limit:,}",
+                    hint="shorten the file's path (or the run's prefix); nothing was uploaded",
+                )
         conditional = request.target.scheme in CONDITIONAL
         if request.shard is not None:
             whole = self._export_shard(engine, run, request, opts, shown, conditional=conditional)

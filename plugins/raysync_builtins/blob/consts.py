@@ -14,6 +14,8 @@ EXTRAS = {
     "abfss": "azure",
     "adl": "azure",
 }
+#: The longest object key (in UTF-8 bytes) the store takes: checked before anything is sent.
+KEY_LIMIT = {"s3": 1024, "s3a": 1024, "gs": 1024, "gcs": 1024, "az": 1024, "abfs": 1024}
 #: Protocols where an exclusive create is known to be enforced by the store.
 CONDITIONAL = {"s3", "s3a", "memory"}
 #: fsspec protocols that are not storage a run can be written to.
