@@ -8,6 +8,8 @@ destination lies and the errors you caught."""
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import traceback
 import uuid
 from collections.abc import Iterable
@@ -76,3 +78,19 @@ def places(
     env: dict[str, Any] = ray.get(_worker_environment.remote(), timeout=60)
     found += [f"worker environment {k}" for k, v in env.items() if canary in f"{k}={v}"]
     return found
+
+
+def act(name: str, how: str, marks: Path) -> str:
+    """The body of a canary test's call, in its workspace: ``succeed``, ``fail`` (raise), or
+    ``retry`` (kill its own worker the first time, so that Ray runs it again)."""
+    Path("export/result.txt").write_text(name)
+    if how == "fail":
+        raise RuntimeError("the computation failed")
+    if how == "retry" and not (marks / name).exists():
+        (marks / name).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return name
+
+
+# Workers cannot import this module by name: its functions travel by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

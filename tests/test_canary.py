@@ -6,9 +6,7 @@ and are retried."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +49,7 @@ def test_a_secret_in_storage_options_appears_nowhere_outside_memory(
     @ray.remote(max_retries=1)
     @isolated_export(dest.uri("{name}"), storage_options=options)
     def call(name: str, how: str) -> str:
-        Path("export/result.txt").write_text(name)
-        if how == "fail":
-            raise RuntimeError("the computation failed")
-        if how == "retry" and not (marks / name).exists():
-            (marks / name).touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return name
+        return canary.act(name, how, marks)
 
     errors: list[BaseException] = []
     assert ray.get(call.remote("ok", "succeed"), timeout=120).value == "ok"

@@ -7,7 +7,6 @@ and an expired presigned URL, as S3 does (moto alone accepts anything)."""
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,13 +274,7 @@ def test_a_retried_task_and_a_failure_leave_no_secret_anywhere(
     @ray.remote(max_retries=1)
     @isolated_export(f"s3://{store.bucket}/runs/{{name}}", storage_options=options)
     def call(name: str, how: str) -> str:
-        Path("export/result.txt").write_text(name)
-        if how == "fail":
-            raise RuntimeError("the computation failed")
-        if how == "retry" and not (marks / name).exists():
-            (marks / name).touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return name
+        return canary.act(name, how, marks)
 
     results = [ray.get(call.remote("ok", "succeed"), timeout=120)]
     results.append(ray.get(call.remote("again", "retry"), timeout=120))

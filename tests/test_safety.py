@@ -1073,11 +1073,8 @@ def test_item10_the_host_sink_takes_roots_only_from_its_own_driver(
         ray.get(sink.open.remote("/etc/evil", run, "overwrite", job))
 
 
-def test_item7_pull_never_writes_through_a_link_planted_in_the_destination(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A link in the pull's destination where raysync used to stage the manifest (a fixed
-    name) pointed the write at any file; the manifest now goes through a fresh file."""
+def _one_local_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A committed local run at ``tmp_path/runs/r`` holding ``export/a.txt``."""
     monkeypatch.chdir(tmp_path)
 
     @isolated_export(str(tmp_path / "runs" / "{name}"))
@@ -1085,6 +1082,14 @@ def test_item7_pull_never_writes_through_a_link_planted_in_the_destination(
         Path("export/a.txt").write_text("a")
 
     f(name="r")
+
+
+def test_item7_pull_never_writes_through_a_link_planted_in_the_destination(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link in the pull's destination where raysync used to stage the manifest (a fixed
+    name) pointed the write at any file; the manifest now goes through a fresh file."""
+    _one_local_run(tmp_path, monkeypatch)
     victim = tmp_path / "victim.txt"
     victim.write_text("someone's data")
     out = tmp_path / "pulled"
@@ -1100,13 +1105,7 @@ def test_item7_pull_never_writes_through_a_link_planted_in_the_destination(
 def test_item7_the_pulled_manifest_follows_the_umask(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-
-    @isolated_export(str(tmp_path / "runs" / "{name}"))
-    def f(name: str) -> None:
-        Path("export/a.txt").write_text("a")
-
-    f(name="r")
+    _one_local_run(tmp_path, monkeypatch)
     out = tmp_path / "pulled"
     old = os.umask(0o077)
     try:

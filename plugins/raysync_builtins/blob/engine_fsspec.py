@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from raysync.copy import hashed_source
@@ -24,9 +23,9 @@ from raysync_builtins.blob.store import (
     Options,
     etag_of,
     is_transient,
-    log,
     modified_of,
     part_size_for,
+    send_in_parts,
     with_retries,
 )
 
@@ -186,67 +185,50 @@ class FsspecEngine:
         part_size = part_size_for(entry.size, opts)
         checksum = _wire_checksum()
 
-        def send(number: int, body: bytes, held: int) -> dict[str, Any]:
-            try:
-                out = with_retries(
-                    f"uploading part {number} of {entry.path}",
-                    lambda: call(
-                        "upload_part",
-                        Bucket=bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=body,
-                        **checksum,
-                    ),
-                    opts,
-                )
-                part = {"PartNumber": number, "ETag": out["ETag"]}
-                if out.get("ChecksumCRC32"):
-                    part["ChecksumCRC32"] = out["ChecksumCRC32"]
-                return part
-            finally:
-                budget.release(held)
+        def send(number: int, body: bytes) -> dict[str, Any]:
+            out = with_retries(
+                f"uploading part {number} of {entry.path}",
+                lambda: call(
+                    "upload_part",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    **checksum,
+                ),
+                opts,
+            )
+            part = {"PartNumber": number, "ETag": out["ETag"]}
+            if out.get("ChecksumCRC32"):
+                part["ChecksumCRC32"] = out["ChecksumCRC32"]
+            return part
 
-        pending = []
-        with ThreadPoolExecutor(
-            max_workers=opts.upload_part_concurrency, thread_name_prefix="raysync-part"
-        ) as parts:
-            try:
-                with hashed_source(entry, algorithm) as src:
-                    number = 0
-                    while True:
-                        held = budget.acquire(part_size)
-                        body = src.read(part_size)
-                        if not body:
-                            budget.release(held)
-                            break
-                        number += 1
-                        pending.append(parts.submit(send, number, body, held))
-                        del body
-                done = [f.result() for f in pending]
-                completed = with_retries(
-                    f"completing the upload of {entry.path}",
-                    lambda: call(
-                        "complete_multipart_upload",
-                        Bucket=bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": done},
-                    ),
-                    opts,
-                )
-                fs.invalidate_cache(dest)
-                return etag_of(completed)
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                wait(pending)
-                try:
-                    call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-                except Exception as e:  # noqa: BLE001 - the real error is the one raised below
-                    log.warning("raysync: could not abort the multipart upload of %s: %s", key, e)
-                raise
+        def complete(done: list[dict[str, Any]]) -> str | None:
+            completed = with_retries(
+                f"completing the upload of {entry.path}",
+                lambda: call(
+                    "complete_multipart_upload",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": done},
+                ),
+                opts,
+            )
+            fs.invalidate_cache(dest)
+            return etag_of(completed)
+
+        return send_in_parts(
+            entry,
+            algorithm,
+            opts,
+            budget,
+            part_size,
+            send,
+            complete,
+            lambda: call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
+        )
 
 
 def _wire_checksum() -> dict[str, str]:

@@ -12,18 +12,17 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from raysync.copy import hashed_source
 from raysync.manifest import FileEntry
 from raysync_builtins.blob.signer import CONTROL, SignerClient
 from raysync_builtins.blob.store import (
     ByteBudget,
     Options,
     is_transient,
-    log,
     part_size_for,
+    send_in_parts,
     with_retries,
 )
 
@@ -225,7 +224,7 @@ class SignedEngine:
                     found = urls[n]
                 return found[0]
 
-        def send(number: int, body: bytes, held: int) -> dict[str, Any]:
+        def send(number: int, body: bytes) -> dict[str, Any]:
             fresh = [False]
 
             def once() -> Any:
@@ -236,47 +235,29 @@ class SignedEngine:
                     fresh[0] = e.expired
                     raise
 
-            try:
-                resp = with_retries(
-                    f"uploading part {number} of {entry.path}", once, opts, self.is_transient
-                )
-                return {"PartNumber": number, "ETag": resp.headers.get("ETag", "")}
-            finally:
-                budget.release(held)
+            what = f"uploading part {number} of {entry.path}"
+            resp = with_retries(what, once, opts, self.is_transient)
+            return {"PartNumber": number, "ETag": resp.headers.get("ETag", "")}
 
-        pending = []
-        with ThreadPoolExecutor(
-            max_workers=opts.upload_part_concurrency, thread_name_prefix="raysync-part"
-        ) as parts:
-            try:
-                with hashed_source(entry, algorithm) as src:
-                    number = 0
-                    while True:
-                        held = budget.acquire(part_size)
-                        body = src.read(part_size)
-                        if not body:
-                            budget.release(held)
-                            break
-                        number += 1
-                        pending.append(parts.submit(send, number, body, held))
-                        del body
-                done = [f.result() for f in pending]
-                etag: str | None = with_retries(
-                    f"completing the upload of {entry.path}",
-                    lambda: self.client.call("finish_multipart", path, upload_id, done),
-                    opts,
-                    self.is_transient,
-                )
-                return etag
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                wait(pending)
-                try:
-                    self.client.call("finish_multipart", path, upload_id, None)
-                except Exception as e:  # noqa: BLE001 - the real error is the one raised below
-                    log.warning("raysync: could not abort the upload of %s: %s", entry.path, e)
-                raise
+        def complete(done: list[dict[str, Any]]) -> str | None:
+            etag: str | None = with_retries(
+                f"completing the upload of {entry.path}",
+                lambda: self.client.call("finish_multipart", path, upload_id, done),
+                opts,
+                self.is_transient,
+            )
+            return etag
+
+        return send_in_parts(
+            entry,
+            algorithm,
+            opts,
+            budget,
+            part_size,
+            send,
+            complete,
+            lambda: self.client.call("finish_multipart", path, upload_id, None),
+        )
 
 
 def _etag(resp: Any) -> str | None:

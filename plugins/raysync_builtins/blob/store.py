@@ -247,3 +247,55 @@ def modified_of(info: Mapping[str, Any]) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
+
+
+def send_in_parts(
+    entry: FileEntry,
+    algorithm: str,
+    opts: Options,
+    budget: ByteBudget,
+    part_size: int,
+    send_part: Callable[[int, bytes], dict[str, Any]],
+    complete: Callable[[list[dict[str, Any]]], str | None],
+    abort: Callable[[], None],
+) -> str | None:
+    """The body of a multipart upload, whoever makes the calls: ``entry`` read once in parts
+    of ``part_size`` (each hashed as it is read), ``send_part(number, body)`` for up to
+    ``upload_part_concurrency`` parts at once within ``budget``, then ``complete(parts)``
+    (its ETag); on any failure the parts in flight are cancelled and ``abort()`` is called."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from raysync.copy import hashed_source
+
+    def send(number: int, body: bytes, held: int) -> dict[str, Any]:
+        try:
+            return send_part(number, body)
+        finally:
+            budget.release(held)
+
+    pending = []
+    with ThreadPoolExecutor(
+        max_workers=opts.upload_part_concurrency, thread_name_prefix="raysync-part"
+    ) as parts:
+        try:
+            with hashed_source(entry, algorithm) as src:
+                number = 0
+                while True:
+                    held = budget.acquire(part_size)
+                    body = src.read(part_size)
+                    if not body:
+                        budget.release(held)
+                        break
+                    number += 1
+                    pending.append(parts.submit(send, number, body, held))
+                    del body
+            return complete([f.result() for f in pending])
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            wait(pending)
+            try:
+                abort()
+            except Exception as e:  # noqa: BLE001 - the real error is the one raised below
+                log.warning("raysync: could not abort the upload of %s: %s", entry.path, e)
+            raise
