@@ -92,17 +92,23 @@ def begin(
     cfg: Config, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Call:
     """Render the URI and look up the driver's facts; fails before the user's code runs."""
-    ctx = ray.get_runtime_context() if ray.is_initialized() else None
+    # In a worker the node, job and session are fixed for the process (asked once); on a
+    # driver they are asked each call (it may join another cluster).
+    facts = rayshim.worker_facts()
+    ctx = ray.get_runtime_context() if facts is not None or rayshim.initialized() else None
     # A direct call (not a Ray task) has no task id; a unique one keeps two direct calls from
     # being taken for two attempts of one task (which may replace each other's runs).
     # (Asked only in a worker: on the driver Ray logs a warning for every call.)
-    in_task = ctx if ctx is not None and not rayshim.is_driver() else None
+    in_task = ctx if facts is not None else None
     task_id = (in_task.get_task_id() if in_task else None) or f"direct-{uuid.uuid4().hex}"
-    node_id = (ctx.get_node_id() if ctx else None) or "local"
-    job_id = (ctx.get_job_id() if ctx else None) or "local"
-    # Ray task ids repeat across clusters: the session (one per cluster start) and the job
-    # make "an earlier attempt of this call" mean this call (DESIGN invariant 7).
-    session = rayshim.session_name(ctx) if ctx else "local"
+    if facts is not None:
+        node_id, job_id, session = facts[0] or "local", facts[1] or "local", facts[2]
+    else:
+        node_id = (ctx.get_node_id() if ctx else None) or "local"
+        job_id = (ctx.get_job_id() if ctx else None) or "local"
+        # Ray task ids repeat across clusters: the session (one per cluster start) and the
+        # job make "an earlier attempt of this call" mean this call (DESIGN invariant 7).
+        session = rayshim.session_name(ctx) if ctx else "local"
     attempt = rayshim.attempt_number()
     ordinal = ordinal_in_task(task_id, attempt, cfg.function)
     record = driver.lookup(cfg.key)

@@ -264,8 +264,8 @@ def copy_files(
     large = [j for j in jobs if j[0].size >= LARGE]
     small = [j for j in jobs if j[0].size < LARGE]
     n = threads or copy_threads()
-    memory = dest_fs is not None and fs_type(dest_fs) in MEMORY_FS
-    parts = 1 if memory or len(small) < 256 else min(n, 4)
+    many = len(small) >= 256  # fewer are copied on this thread, wherever they go
+    parts = min(n, 4) if many and not (dest_fs is not None and fs_type(dest_fs) in MEMORY_FS) else 1
     batches = [small[i::parts] for i in range(parts)]
 
     digest = checksum.oneshot(algorithm)

@@ -152,11 +152,7 @@ def check_visible(prepared: Mapping[str, str], dest: Path, uri: str) -> None:
     run that is not strictly inside that root (the root itself holds every sibling run)."""
     root = Path(prepared.get("root", ""))
     token = prepared.get("token")
-    try:
-        found = (root / TOKEN_NAME).read_text().strip()
-    except OSError:
-        found = None
-    if not token or found != token:
+    if not token or not _holds_token(os.path.join(root, TOKEN_NAME), token):
         raise DestinationNotVisibleError(
             f"the driver's destination root {root} is not visible on this node (its "
             "visibility token is missing or different), so exporting here would write to "
@@ -168,10 +164,36 @@ def check_visible(prepared: Mapping[str, str], dest: Path, uri: str) -> None:
     check_inside(root, dest, uri)
 
 
+#: Token files read and found right, by (path, token): their (device, inode, size, mtime).
+_SEEN_TOKENS: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+
+
+def _holds_token(path: str, token: str) -> bool:
+    """Whether the file at ``path`` holds ``token``. Read once per process; later calls
+    compare its identity (one ``stat``): a different mount, a rewritten or a replaced file
+    has another device, inode, size or time, and is read again."""
+    try:
+        st = os.stat(path)
+        seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if _SEEN_TOKENS.get((path, token)) == seen:
+            return True
+        with open(path, encoding="utf-8") as f:
+            found = f.read().strip()
+    except (OSError, ValueError):
+        return False
+    if found != token:
+        return False
+    if len(_SEEN_TOKENS) > 1024:
+        _SEEN_TOKENS.clear()
+    _SEEN_TOKENS[(path, token)] = seen
+    return True
+
+
 def check_inside(root: Path, dest: Path, uri: str) -> None:
     """``dest`` must be strictly below ``root`` (both normalised, no ``..``)."""
-    normal = Path(os.path.normpath(dest))
-    if normal == Path(os.path.normpath(root)) or not normal.is_relative_to(root):
+    normal = os.path.normpath(dest)
+    top = os.path.normpath(root)
+    if normal == top or not normal.startswith(top if top.endswith("/") else top + "/"):
         raise DestinationError(
             f"{dest} is not a run inside the destination root {root}",
             uri=uri,

@@ -28,15 +28,16 @@ import contextvars
 import threading
 from typing import Any
 
-import ray
-
-from raysync import redaction
+from raysync import rayshim, redaction
 
 log = redaction.logger("raysync")
 
 _lock = threading.Lock()
 _made: dict[str, Any] = {}
 _in_flight: dict[str, int] = {}
+#: What the in-flight gauge last showed, per backend.
+_shown: dict[str, int] = {}
+_GAUGE_STEP = 1 << 20
 #: The backend of the export running in this context (tags retries).
 backend_var: contextvars.ContextVar[str] = contextvars.ContextVar("raysync_backend", default="")
 
@@ -45,7 +46,10 @@ _BOUNDS = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]
 
 def _metric(kind: str, name: str, description: str, tags: tuple[str, ...]) -> Any:
     """The metric ``name``, made once per process (``None`` outside Ray)."""
-    if not ray.is_initialized():
+    found = _made.get(name)
+    if found is not None:  # made in this process: Ray was up, and a worker stays connected
+        return found if rayshim.initialized() else None
+    if not rayshim.initialized():
         return None
     with _lock:
         found = _made.get(name)
@@ -130,6 +134,12 @@ def in_flight(backend: str, delta: int) -> None:
     """Bytes of the exports running in this process, up at the start and down at the end."""
     with _lock:
         now = _in_flight[backend] = max(0, _in_flight.get(backend, 0) + delta)
+        # Short exports come and go between two scrapes: the gauge is set when the bytes in
+        # flight move by a mebibyte or more, or drop to none (not twice per small call).
+        shown = _shown.get(backend, 0)
+        if abs(now - shown) < _GAUGE_STEP and (now or not shown):
+            return
+        _shown[backend] = now
     g = _metric("gauge", "raysync_bytes_in_flight", "Bytes being exported", ("backend",))
     if g is not None:
         _safe(g.set, now, {"backend": backend})

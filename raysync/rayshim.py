@@ -7,6 +7,7 @@ degrades to a safe answer where it can, and says so.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,40 @@ def is_driver() -> bool:
     Ray has no public "am I a worker?" call; the global worker's ``mode`` tells."""
     worker = ray._private.worker.global_worker
     return bool(getattr(worker, "mode", None) != ray._private.worker.WORKER_MODE)
+
+
+def initialized() -> bool:
+    """``ray.is_initialized()`` without its client-mode wrapper (it runs several times per
+    call; ``is_initialized`` itself reads ``global_worker.connected``)."""
+    try:
+        return bool(ray._private.worker.global_worker.connected)
+    except Exception:  # noqa: BLE001 - another layout: ask the public call
+        return bool(ray.is_initialized())
+
+
+#: In a worker process: (node id, job id, session name, GCS address), fixed for its life.
+_WORKER_FACTS: dict[int, tuple[str, str, str, str]] = {}
+
+
+def worker_facts() -> tuple[str, str, str, str] | None:
+    """(node id, job id, session name, GCS address) of this worker process, asked of the
+    runtime context once: a Ray worker process serves one job of one cluster on one node for
+    its whole life. ``None`` on a driver or outside Ray (a driver can ``ray.shutdown()`` and
+    join another cluster, so there the caller asks each time)."""
+    if not initialized() or is_driver():
+        return None
+    pid = os.getpid()
+    found = _WORKER_FACTS.get(pid)
+    if found is None:
+        ctx = ray.get_runtime_context()
+        found = (
+            str(ctx.get_node_id()),
+            str(ctx.get_job_id()),
+            session_name(ctx),
+            str(ctx.gcs_address),
+        )
+        _WORKER_FACTS[pid] = found
+    return found
 
 
 def kv_put(key: bytes, value: bytes, *, namespace: str) -> None:

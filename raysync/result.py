@@ -56,6 +56,24 @@ class ExportResult(Generic[T]):
     shard: str | None = None
     committed_run: bool = True
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as a tuple of its fields (its manifest as tuples too): it crosses Ray once
+        per call, and cloudpickle handles a tuple far faster than a dataclass tree."""
+        return (
+            _unpickle_result,
+            (
+                self.value,
+                self.uri,
+                self.backend,
+                self.manifest,
+                self.stats,
+                self.payload,
+                self._backend_obj,
+                self.shard,
+                self.committed_run,
+            ),
+        )
+
     def materialize(
         self,
         dest: str | os.PathLike[str],
@@ -91,6 +109,10 @@ class ExportResult(Generic[T]):
             tmp.write_bytes(data)
             os.replace(tmp, manifest_path)
         return out
+
+
+def _unpickle_result(*fields: Any) -> ExportResult[Any]:
+    return ExportResult(*fields)
 
 
 def collect(

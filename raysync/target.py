@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import re
@@ -32,6 +33,11 @@ def split_scheme(uri: str) -> tuple[str, str]:
 
 def template_fields(template: str) -> list[str]:
     """The top-level field names a template uses, e.g. ``{cfg.name}`` → ``cfg``."""
+    return list(_template_fields(template))
+
+
+@functools.lru_cache(maxsize=256)
+def _template_fields(template: str) -> tuple[str, ...]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
@@ -53,7 +59,7 @@ def template_fields(template: str) -> list[str]:
                 available=BUILTIN_FIELDS,
             )
         names.append(top)
-    return names
+    return tuple(names)
 
 
 def static_prefix(template: str) -> str:
@@ -65,9 +71,18 @@ def static_prefix(template: str) -> str:
     return head.rsplit("/", 1)[0] if "/" in head else ""
 
 
+_FORMATTER = string.Formatter()
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(template: str) -> tuple[tuple[str, str | None, str | None, str | None], ...]:
+    """``template`` parsed once (every call of a decorated function renders the same one)."""
+    return tuple(_FORMATTER.parse(template))
+
+
 def render(template: str, values: Mapping[str, Any], *, available: Iterable[str]) -> str:
     """Fill a template; every value must be a safe path segment sequence (no ``..``)."""
-    used = template_fields(template)
+    used = _template_fields(template)
     missing = [f for f in used if f not in values]
     if missing:
         raise TemplateError(
@@ -75,9 +90,9 @@ def render(template: str, values: Mapping[str, Any], *, available: Iterable[str]
             template=template,
             available=available,
         )
-    fmt = string.Formatter()
+    fmt = _FORMATTER
     out: list[str] = []
-    for literal, name, spec, conversion in fmt.parse(template):
+    for literal, name, spec, conversion in _parsed(template):
         out.append(literal)
         if name is None:
             continue

@@ -75,12 +75,13 @@ class Workspace:
 
     def env(self, extra: Mapping[str, str]) -> dict[str, str]:
         """The environment variables a call sees (``extra`` values are workspace-relative)."""
-        out = {WORKSPACE_ENV: str(self.root)}
-        out.update({var: str(self.root / tree) for tree, var in TREE_ENV.items()})
+        root = str(self.root)
+        out = {WORKSPACE_ENV: root}
+        out.update({var: f"{root}/{tree}" for tree, var in TREE_ENV.items()})
         out.update({k: str(self.root / v) for k, v in extra.items()})
         # Subprocesses of the call must not write bytecode into the shared package either.
         out["PYTHONDONTWRITEBYTECODE"] = "1"
-        out["PYTHONPYCACHEPREFIX"] = str(self.root / ".pycache")
+        out["PYTHONPYCACHEPREFIX"] = f"{root}/.pycache"
         return out
 
 
@@ -110,13 +111,18 @@ _WORKING_DIR: dict[tuple[str, str], bool] = {}
 
 
 def _has_working_dir() -> bool:
-    if not ray.is_initialized():
+    if not rayshim.initialized():
         return False  # a direct call outside Ray: asking the runtime context would start Ray
     try:
-        ctx = ray.get_runtime_context()
-        job = (str(ctx.gcs_address), str(ctx.get_job_id()))
+        facts = rayshim.worker_facts()
+        if facts is not None:
+            job = (facts[3], facts[1])
+        else:
+            ctx = ray.get_runtime_context()
+            job = (str(ctx.gcs_address), str(ctx.get_job_id()))
         found = _WORKING_DIR.get(job)
         if found is None:  # a job's runtime_env is fixed for its life (per cluster and job)
+            ctx = ray.get_runtime_context()
             found = _WORKING_DIR[job] = bool(ctx.runtime_env.working_dir())
         return found
     except Exception:  # noqa: BLE001 - outside Ray, or an older runtime_env API
@@ -156,19 +162,24 @@ def _cwd() -> Path | None:
         return None
 
 
-def _base_dir() -> Path:
+def _base_dir() -> str:
     session = rayshim.session_dir()
-    base = Path(session if session is not None else tempfile.gettempdir())
-    mine = base / "raysync_workspaces" / f"pid-{os.getpid()}"
-    if mine not in _MINE:
-        _MINE.add(mine)
-        if len(_MINE) == 1:
-            atexit.register(_remove_mine)
-    return mine
+    found = _BASES.get(session)
+    if found is None:
+        base = session if session is not None else tempfile.gettempdir()
+        found = _BASES[session] = os.path.join(base, "raysync_workspaces", f"pid-{os.getpid()}")
+        mine = Path(found)
+        if mine not in _MINE:
+            _MINE.add(mine)
+            if len(_MINE) == 1:
+                atexit.register(_remove_mine)
+    return found
 
 
 #: This process's workspace parents, removed (when empty) as it exits.
 _MINE: set[Path] = set()
+#: The workspace parent per Ray session dir (``None``: outside Ray), made once per process.
+_BASES: dict[str | None, str] = {}
 
 
 def _remove_mine() -> None:
@@ -178,28 +189,35 @@ def _remove_mine() -> None:
 
 
 def create(call_id: str, trees: Sequence[str], source: Path | None = None) -> Workspace:
-    """Make a fresh workspace for one call; ``source`` defaults to the process cwd."""
+    """Make a fresh workspace for one call; ``source`` defaults to the process cwd.
+
+    Plain strings and one pass over the source: this runs once per call, and its cost is
+    paid by every short task (issue 20)."""
     src = source or _cwd()
     if not _has_working_dir():
         _warn_no_working_dir(src)
-    root = _base_dir() / f"{call_id}-{uuid.uuid4().hex[:8]}"
-    root.mkdir(parents=True)
+    root = os.path.join(_base_dir(), f"{call_id}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.mkdir(root)
+    except FileNotFoundError:
+        os.makedirs(root)
     heads = {t.split("/", 1)[0] for t in trees}
     if src is not None:
-        for tree in heads:
-            existing = src / tree
-            if existing.exists() and not existing.is_dir():
-                raise TreeError(
-                    f"output tree {tree!r} is a file in the working directory {src}",
-                    hint=f"rename {existing.name} or choose other trees= for isolated_export",
-                )
+        links: list[os.DirEntry[str]] = []
         with os.scandir(src) as it:
             for entry in it:
                 if entry.name not in heads:
-                    os.symlink(entry.path, root / entry.name)
+                    links.append(entry)
+                elif not entry.is_dir() and os.path.exists(entry.path):  # a file, or a link to one
+                    raise TreeError(
+                        f"output tree {entry.name!r} is a file in the working directory {src}",
+                        hint=f"rename {entry.name} or choose other trees= for isolated_export",
+                    )
+        for entry in links:
+            os.symlink(entry.path, os.path.join(root, entry.name))
     for tree in trees:
-        (root / tree).mkdir(parents=True, exist_ok=True)
-    return Workspace(root=root, source=src, trees=tuple(trees))
+        os.makedirs(os.path.join(root, tree), exist_ok=True)
+    return Workspace(root=Path(root), source=src, trees=tuple(trees))
 
 
 def remove(ws: Workspace) -> None:

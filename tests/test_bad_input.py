@@ -199,6 +199,32 @@ def test_drivers_preparing_one_root_at_once_all_get_its_one_token(tmp_path: Path
         assert sorted(os.listdir(root)) == [".raysync-visible"]  # no draft left behind
 
 
+def test_a_replaced_or_missing_visibility_token_is_noticed_after_a_good_check(
+    tmp_path: Path,
+) -> None:
+    """Workers remember a token file they read (one stat per call after that, issue 20);
+    another file in its place (a different mount, a rewrite) is read again, and a missing
+    one refuses: the cache never vouches for a root the driver's token is not in."""
+    from raysync.dirrun import check_visible, prepare_root
+    from raysync.errors import DestinationNotVisibleError
+
+    root = tmp_path / "root"
+    prepared = prepare_root(root)
+    check_visible(prepared, root / "run", "u")
+    check_visible(prepared, root / "run", "u")  # remembered
+    token = root / ".raysync-visible"
+    other = tmp_path / "other-token"
+    other.write_text("f" * len(prepared["token"]))  # same size, another file
+    os.replace(other, token)
+    with pytest.raises(DestinationNotVisibleError):
+        check_visible(prepared, root / "run", "u")
+    token.unlink()
+    with pytest.raises(DestinationNotVisibleError):
+        check_visible(prepared, root / "run", "u")
+    token.write_text(prepared["token"])
+    check_visible(prepared, root / "run", "u")
+
+
 def test_a_callable_object_can_be_decorated_even_when_unhashable(tmp_path: Path) -> None:
     """An instance with ``__call__`` (whose class defines ``__eq__``, so it is unhashable) is
     decorated like a function; its runs are named after its class."""

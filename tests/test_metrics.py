@@ -81,9 +81,10 @@ def test_exports_show_in_rays_prometheus_endpoint_tagged_by_backend_only(
 
 
 def test_metrics_do_nothing_outside_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    from raysync import metrics
+    from raysync import metrics, rayshim
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(rayshim, "initialized", lambda: False)
     monkeypatch.setattr(metrics, "_made", {})
     metrics.exported("local", "succeeded", 1, 1, 0.1)
     metrics.failed("local")

@@ -341,3 +341,45 @@ def _snapshot(root: Path) -> dict[str, Any]:
                 p.read_bytes() if p.is_file() and not p.is_symlink() else p.is_symlink()
             )
     return out
+
+
+entries = st.builds(
+    FileEntry,
+    path=adversarial,
+    size=st.integers(min_value=0, max_value=2**63),
+    mode=st.integers(min_value=0, max_value=0o777),
+    digest=adversarial,
+    source=st.none() | adversarial,
+    pack=st.none() | st.fixed_dictionaries({"object": adversarial, "offset": st.integers(0, 99)}),
+    etag=st.none() | adversarial,
+    fingerprint=st.none() | st.tuples(*[st.integers(0, 2**40)] * 5),
+    shard=st.none() | adversarial,
+)
+
+
+@SETTINGS
+@given(files=st.lists(entries, max_size=6), run=st.dictionaries(adversarial, adversarial))
+def test_a_manifest_is_written_as_the_json_encoder_would_and_pickles_whole(
+    files: list[FileEntry], run: dict[str, str]
+) -> None:
+    """The manifest's hand-built lines (issue 20: the encoder's set-up per file cost more
+    than a small file's copy) say exactly what the encoder says, and a manifest (a result's
+    part that crosses Ray, pickled as tuples) comes back with every field, unserialised
+    ones included."""
+    import pickle
+
+    import ray.cloudpickle
+
+    from raysync.result import ExportResult, ExportStats
+
+    m = Manifest(files=files, run=run, trees=["export"])
+    doc = json.loads(m.to_bytes())
+    assert doc["files"] == [json.loads(json.dumps(f.to_json(), sort_keys=True)) for f in files]
+    assert doc["run"] == run and doc["totals"]["files"] == len(files)
+    result = ExportResult(None, "u", "local", m, ExportStats(len(files), 0, 0.1, 0.2, {}))
+    for dumps in (pickle.dumps, ray.cloudpickle.dumps):
+        back = pickle.loads(dumps(result))  # noqa: S301 - bytes this test made
+        assert back == result
+        assert [
+            (f.source, f.fingerprint, f.pack, f.etag, f.shard) for f in back.manifest.files
+        ] == [(f.source, f.fingerprint, f.pack, f.etag, f.shard) for f in files]
