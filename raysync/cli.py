@@ -35,7 +35,7 @@ from raysync.errors import (
 )
 from raysync.fsops import write_replacing
 from raysync.hookspecs import ListsRuns, OpensRuns
-from raysync.manifest import MANIFEST_NAME, FileEntry
+from raysync.manifest import MANIFEST_NAME, FileEntry, same_document
 from raysync.registry import get_registry, scheme_label
 from raysync.result import place_run
 from raysync.target import Target, check_uri_form, redact
@@ -230,7 +230,11 @@ def _pull(args: argparse.Namespace) -> int:
 
     dest = Path(args.dest).absolute()
     written = dest / MANIFEST_NAME
-    if written.exists() and not args.overwrite and written.read_bytes() != manifest.to_bytes():
+    if (
+        written.exists()
+        and not args.overwrite
+        and not same_document(written.read_bytes(), manifest)
+    ):
         raise MaterializeError(
             f"{written} holds another run's manifest; nothing was written",
             hint="pull into an empty directory, or pass --overwrite",

@@ -64,6 +64,16 @@ class FileEntry:
         return out
 
 
+def same_document(data: bytes, manifest: Manifest) -> bool:
+    """Whether ``data`` (a manifest file found on disk) says what ``manifest`` says. The file's
+    layout changed between versions (an older raysync indented it): compare what it says,
+    never its bytes, or a run pulled again after an upgrade would look like another run."""
+    try:
+        return Manifest.from_bytes(data) == manifest
+    except IntegrityError:
+        return False
+
+
 def _unpickle_manifest(
     files: list[tuple[Any, ...]], run: dict[str, Any], trees: list[str], checksum: str
 ) -> Manifest:
@@ -139,13 +149,13 @@ class Manifest:
         if missing:
             # A backend that forgot to hash would publish a manifest that cannot verify.
             raise IntegrityError("files were not hashed before commit", uri="-", bad=missing)
-        # The head on one line and one file per line, everything through the C encoder (an
+        # A line per key of the head and per file, every value through the C encoder (an
         # indented dump runs in pure Python: slower than a small file's copy).
         encode = json.JSONEncoder(sort_keys=True).encode
-        head = encode(self._head())
+        head = "".join(f"\n {_quote(k)}: {encode(v)}," for k, v in sorted(self._head().items()))
         lines = ",\n  ".join(_entry_json(e) or encode(e.to_json()) for e in self.files)
         inner = f"[\n  {lines}\n ]" if self.files else "[]"
-        return f'{head[:-1]},\n "files": {inner}\n}}\n'.encode()
+        return f'{{{head}\n "files": {inner}\n}}\n'.encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, *, uri: str = "-") -> Manifest:

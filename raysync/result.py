@@ -13,7 +13,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 from raysync import checksum as checksum_mod
 from raysync.errors import IntegrityError, MaterializeError
 from raysync.fsops import makedirs, remove_tree
-from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join
+from raysync.manifest import MANIFEST_NAME, FileEntry, Manifest, safe_join, same_document
 from raysync.rules import placed_mode
 
 #: What the decorated function returned (``ExportResult.value``).
@@ -98,7 +98,7 @@ class ExportResult(Generic[T]):
         manifest_path = out / MANIFEST_NAME
         data = self.manifest.to_bytes()
         if with_manifest and manifest_path.exists() and not overwrite:
-            if manifest_path.read_bytes() != data:
+            if not same_document(manifest_path.read_bytes(), self.manifest):
                 raise MaterializeError(
                     f"{manifest_path} already holds another run's manifest",
                     hint="materialize into an empty directory or pass overwrite=True",

@@ -120,3 +120,20 @@ def test_a_file_that_grows_while_copied_is_detected(tmp_path: Path) -> None:
     (ws / "export" / "a" / "one.txt").write_text("one and more")
     with pytest.raises(TreeError, match="changed size while it was exported"):
         copy_and_hash(entries[0], tmp_path / "copy")
+
+
+def test_a_manifest_in_an_older_layout_is_the_same_document() -> None:
+    """Older raysync wrote the manifest indented; `pull` and `materialize` compare what a
+    manifest says, so the same run pulled again after an upgrade is not 'another run'."""
+    from raysync.manifest import FileEntry, same_document
+
+    m = Manifest(
+        files=[FileEntry("export/a", 3, 0o644, "ab" * 16)],
+        run={"function": "m.f", "status": "succeeded"},
+        trees=["export"],
+    )
+    older = json.dumps(m.to_json(), indent=1, sort_keys=True).encode()
+    assert older != m.to_bytes() and same_document(older, m)
+    other = Manifest(files=[FileEntry("export/a", 3, 0o644, "cd" * 16)], run=m.run, trees=m.trees)
+    assert not same_document(other.to_bytes(), m)
+    assert not same_document(b"not json", m)
