@@ -72,22 +72,23 @@ def export_once(
     )
     status = str(run.get("status") or "succeeded")
     token = metrics.backend_var.set(backend.name)
-    metrics.in_flight(backend.name, manifest.total_bytes)
+    total = manifest.total_bytes
+    metrics.in_flight(backend.name, total)
     t0 = time.perf_counter()
     try:
-        with _progress_bar(manifest.total_bytes, target) as sink, reporting(sink):
+        with _progress_bar(total, target) as sink, reporting(sink):
             outcome = backend.export(request)
     except BaseException:
         metrics.failed(backend.name)
         raise
     finally:
-        metrics.in_flight(backend.name, -manifest.total_bytes)
+        metrics.in_flight(backend.name, -total)
         metrics.backend_var.reset(token)
     metrics.exported(
         backend.name,
         "checkpoint" if status == "running" else status,
         len(files),
-        manifest.total_bytes,
+        total,
         time.perf_counter() - t0,
     )
     if known is not None:

@@ -258,7 +258,7 @@ def check_relpath(path: str) -> str:
         or path[0] == "/"
         or "\\" in path
         or "\x00" in path
-        or any(part in _BAD_PARTS for part in path.split("/"))
+        or not _BAD_PARTS.isdisjoint(path.split("/"))
     ):
         raise UnsafePathError(
             "refusing a path that is absolute, empty or contains '..'",
