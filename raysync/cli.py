@@ -230,11 +230,8 @@ def _pull(args: argparse.Namespace) -> int:
 
     dest = Path(args.dest).absolute()
     written = dest / MANIFEST_NAME
-    if (
-        written.exists()
-        and not args.overwrite
-        and not same_document(written.read_bytes(), manifest)
-    ):
+    ok = args.overwrite or not written.exists() or same_document(written.read_bytes(), manifest)
+    if not ok:
         raise MaterializeError(
             f"{written} holds another run's manifest; nothing was written",
             hint="pull into an empty directory, or pass --overwrite",

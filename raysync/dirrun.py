@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -164,18 +165,25 @@ def check_visible(prepared: Mapping[str, str], dest: Path, uri: str) -> None:
     check_inside(root, dest, uri)
 
 
-#: Token files read and found right, by (path, token): their (device, inode, size, mtime).
-_SEEN_TOKENS: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+#: Token files read and found right, by (path, token): their identity (device, inode, size,
+#: modification and change times) and when they were read (monotonic seconds).
+_SEEN_TOKENS: dict[tuple[str, str], tuple[tuple[int, ...], float]] = {}
+#: A token file is read again at least this often (a network file system's attribute cache
+#: may answer ``stat`` from memory; opening the file revalidates it).
+TOKEN_TRUST_SECONDS = 5.0
 
 
 def _holds_token(path: str, token: str) -> bool:
-    """Whether the file at ``path`` holds ``token``. Read once per process; later calls
-    compare its identity (one ``stat``): a different mount, a rewritten or a replaced file
-    has another device, inode, size or time, and is read again."""
+    """Whether the file at ``path`` holds ``token``. Read, then for a few seconds trusted by
+    its identity (one ``stat`` per call): a different mount, a rewritten or a replaced file
+    has another device, inode or change time (``utime`` cannot set the change time), and is
+    read again."""
     try:
         st = os.stat(path)
-        seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if _SEEN_TOKENS.get((path, token)) == seen:
+        seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = _SEEN_TOKENS.get((path, token))
+        now = time.monotonic()
+        if known is not None and known[0] == seen and now - known[1] < TOKEN_TRUST_SECONDS:
             return True
         with open(path, encoding="utf-8") as f:
             found = f.read().strip()
@@ -185,15 +193,21 @@ def _holds_token(path: str, token: str) -> bool:
         return False
     if len(_SEEN_TOKENS) > 1024:
         _SEEN_TOKENS.clear()
-    _SEEN_TOKENS[(path, token)] = seen
+    _SEEN_TOKENS[(path, token)] = (seen, now)
     return True
 
 
 def check_inside(root: Path, dest: Path, uri: str) -> None:
-    """``dest`` must be strictly below ``root`` (both normalised, no ``..``)."""
+    """``dest`` must be strictly below ``root`` (both normalised). A root written with ``..``
+    is refused: the token was proven through the file system (links followed), containment
+    is decided on the names, and the two could differ."""
     normal = os.path.normpath(dest)
     top = os.path.normpath(root)
-    if normal == top or not normal.startswith(top if top.endswith("/") else top + "/"):
+    if (
+        normal == top
+        or not normal.startswith(top if top.endswith("/") else top + "/")
+        or ".." in os.fspath(root).split("/")
+    ):
         raise DestinationError(
             f"{dest} is not a run inside the destination root {root}",
             uri=uri,

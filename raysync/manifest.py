@@ -75,9 +75,13 @@ def same_document(data: bytes, manifest: Manifest) -> bool:
 
 
 def _unpickle_manifest(
-    files: list[tuple[Any, ...]], run: dict[str, Any], trees: list[str], checksum: str
+    cls: type[Manifest],
+    files: list[tuple[Any, ...]],
+    run: dict[str, Any],
+    trees: list[str],
+    checksum: str,
 ) -> Manifest:
-    return Manifest([FileEntry(*f) for f in files], run, trees, checksum)
+    return cls([FileEntry(*f) for f in files], run, trees, checksum)
 
 
 def _entry_json(e: FileEntry) -> str | None:
@@ -132,7 +136,7 @@ class Manifest:
             (f.path, f.size, f.mode, f.digest, f.source, f.pack, f.etag, f.fingerprint, f.shard)
             for f in self.files
         ]
-        return (_unpickle_manifest, (files, self.run, self.trees, self.checksum))
+        return (_unpickle_manifest, (type(self), files, self.run, self.trees, self.checksum))
 
     def _head(self) -> dict[str, Any]:
         return {

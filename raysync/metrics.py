@@ -32,7 +32,7 @@ from raysync import rayshim, redaction
 
 log = redaction.logger("raysync")
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # in_flight makes its gauge while holding it
 _made: dict[str, Any] = {}
 _in_flight: dict[str, int] = {}
 #: What the in-flight gauge last showed, per backend.
@@ -140,6 +140,7 @@ def in_flight(backend: str, delta: int) -> None:
         if abs(now - shown) < _GAUGE_STEP and (now or not shown):
             return
         _shown[backend] = now
-    g = _metric("gauge", "raysync_bytes_in_flight", "Bytes being exported", ("backend",))
-    if g is not None:
-        _safe(g.set, now, {"backend": backend})
+        # Set under the lock: two threads' updates reach the gauge in the order they count.
+        g = _metric("gauge", "raysync_bytes_in_flight", "Bytes being exported", ("backend",))
+        if g is not None:
+            _safe(g.set, now, {"backend": backend})

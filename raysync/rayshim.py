@@ -66,10 +66,10 @@ def is_driver() -> bool:
 def initialized() -> bool:
     """``ray.is_initialized()`` without its client-mode wrapper (it runs several times per
     call; ``is_initialized`` itself reads ``global_worker.connected``)."""
-    try:
-        return bool(ray._private.worker.global_worker.connected)
-    except Exception:  # noqa: BLE001 - another layout: ask the public call
-        return bool(ray.is_initialized())
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    if getattr(getattr(worker, "global_worker", None), "connected", False):
+        return True
+    return bool(ray.is_initialized())  # a Ray Client driver is initialized, not connected
 
 
 #: In a worker process: (node id, job id, session name, GCS address), fixed for its life.

@@ -62,6 +62,7 @@ class ExportResult(Generic[T]):
         return (
             _unpickle_result,
             (
+                type(self),
                 self.value,
                 self.uri,
                 self.backend,
@@ -111,8 +112,8 @@ class ExportResult(Generic[T]):
         return out
 
 
-def _unpickle_result(*fields: Any) -> ExportResult[Any]:
-    return ExportResult(*fields)
+def _unpickle_result(cls: type[ExportResult[Any]], *fields: Any) -> ExportResult[Any]:
+    return cls(*fields)
 
 
 def collect(

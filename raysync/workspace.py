@@ -164,10 +164,11 @@ def _cwd() -> Path | None:
 
 def _base_dir() -> str:
     session = rayshim.session_dir()
-    found = _BASES.get(session)
+    key = (session, os.getpid())  # a forked child has its own parent
+    found = _BASES.get(key)
     if found is None:
         base = session if session is not None else tempfile.gettempdir()
-        found = _BASES[session] = os.path.join(base, "raysync_workspaces", f"pid-{os.getpid()}")
+        found = _BASES[key] = os.path.join(base, "raysync_workspaces", f"pid-{os.getpid()}")
         mine = Path(found)
         if mine not in _MINE:
             _MINE.add(mine)
@@ -178,8 +179,8 @@ def _base_dir() -> str:
 
 #: This process's workspace parents, removed (when empty) as it exits.
 _MINE: set[Path] = set()
-#: The workspace parent per Ray session dir (``None``: outside Ray), made once per process.
-_BASES: dict[str | None, str] = {}
+#: The workspace parent per (Ray session dir or ``None`` outside Ray, process id).
+_BASES: dict[tuple[str | None, int], str] = {}
 
 
 def _remove_mine() -> None:
@@ -201,6 +202,16 @@ def create(call_id: str, trees: Sequence[str], source: Path | None = None) -> Wo
         os.mkdir(root)
     except FileNotFoundError:
         os.makedirs(root)
+    try:
+        _fill(root, src, trees)
+    except BaseException:
+        remove_tree(root)
+        raise
+    return Workspace(root=Path(root), source=src, trees=tuple(trees))
+
+
+def _fill(root: str, src: Path | None, trees: Sequence[str]) -> None:
+    """Link the entries of ``src`` into ``root``, except the trees, made fresh and empty."""
     heads = {t.split("/", 1)[0] for t in trees}
     if src is not None:
         links: list[os.DirEntry[str]] = []
@@ -208,7 +219,7 @@ def create(call_id: str, trees: Sequence[str], source: Path | None = None) -> Wo
             for entry in it:
                 if entry.name not in heads:
                     links.append(entry)
-                elif not entry.is_dir() and os.path.exists(entry.path):  # a file, or a link to one
+                elif _is_file(entry):
                     raise TreeError(
                         f"output tree {entry.name!r} is a file in the working directory {src}",
                         hint=f"rename {entry.name} or choose other trees= for isolated_export",
@@ -217,7 +228,15 @@ def create(call_id: str, trees: Sequence[str], source: Path | None = None) -> Wo
             os.symlink(entry.path, os.path.join(root, entry.name))
     for tree in trees:
         os.makedirs(os.path.join(root, tree), exist_ok=True)
-    return Workspace(root=Path(root), source=src, trees=tuple(trees))
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    """A file or a link to one (as ``Path.exists() and not Path.is_dir()``: a dangling or
+    looping link counts as absent)."""
+    try:
+        return not entry.is_dir() and os.path.exists(entry.path)
+    except OSError:
+        return False
 
 
 def remove(ws: Workspace) -> None:

@@ -223,6 +223,45 @@ def test_a_replaced_or_missing_visibility_token_is_noticed_after_a_good_check(
         check_visible(prepared, root / "run", "u")
     token.write_text(prepared["token"])
     check_visible(prepared, root / "run", "u")
+    # Rewritten in place, same size, its time put back: the change time still tells.
+    before = token.stat()
+    token.write_text("e" * len(prepared["token"]))
+    os.utime(token, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(DestinationNotVisibleError):
+        check_visible(prepared, root / "run", "u")
+
+
+def test_a_destination_root_written_with_dotdot_is_refused(tmp_path: Path) -> None:
+    """The token is proven through the file system (links followed) but containment is
+    decided on names: a root with '..' could pass one and not mean the other."""
+    from raysync.dirrun import check_inside
+    from raysync.errors import DestinationError
+
+    (tmp_path / "a" / "x").mkdir(parents=True)
+    with pytest.raises(DestinationError):
+        check_inside(tmp_path / "a" / "x" / ".." / "b", tmp_path / "a" / "b" / "c", "u")
+    check_inside(tmp_path / "a" / "b", tmp_path / "a" / "b" / "c", "u")
+    with pytest.raises(DestinationError):
+        check_inside(tmp_path / "a" / "b", tmp_path / "a" / "b", "u")
+    with pytest.raises(DestinationError):
+        check_inside(tmp_path / "a" / "b", tmp_path / "a" / "bc", "u")
+
+
+def test_a_looping_link_named_like_a_tree_in_the_project_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link to itself called 'export' in the directory the call starts in is absent (as a
+    dangling one), not a crash before the user's code."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "export").symlink_to("export")
+    monkeypatch.chdir(project)
+    out = isolated_export(str(tmp_path / "runs" / "{name}"))(_write_one)
+    assert [f.path for f in out(name="r").manifest.files] == ["export/one.txt"]
+
+
+def _write_one(name: str) -> None:
+    Path("export/one.txt").write_text(name)
 
 
 def test_a_callable_object_can_be_decorated_even_when_unhashable(tmp_path: Path) -> None:

@@ -137,3 +137,18 @@ def test_a_manifest_in_an_older_layout_is_the_same_document() -> None:
     other = Manifest(files=[FileEntry("export/a", 3, 0o644, "cd" * 16)], run=m.run, trees=m.trees)
     assert not same_document(other.to_bytes(), m)
     assert not same_document(b"not json", m)
+
+
+def test_a_manifest_subclass_pickles_as_itself() -> None:
+    import pickle
+
+    import ray.cloudpickle
+
+    from raysync.manifest import FileEntry
+
+    class Mine(Manifest):
+        pass
+
+    m = Mine(files=[FileEntry("export/a", 1, 0o644, "ab")], run={}, trees=["export"])
+    back = pickle.loads(ray.cloudpickle.dumps(m))  # noqa: S301 - bytes this test made
+    assert type(back) is Mine and back == m
